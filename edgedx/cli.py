@@ -1,0 +1,338 @@
+"""The ``edgedx`` command: a thin typer layer over the Python API.
+
+Each command parses its options, calls one library function, renders the result and exits.
+TensorFlow-side modules are imported inside command bodies, so ``edgedx --help`` and the
+runtime-only commands never load TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import EdgedxError
+
+app = typer.Typer(
+    help="Put medical-imaging CNNs onto scanner-side hardware: data, train, compress, bench, serve.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals may hold patient data
+    add_completion=False,
+)
+data_app = typer.Typer(
+    help="Make and inspect datasets (synthetic head CT, DICOM folders, MedMNIST, image folders).", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Difficulty(str, Enum):
+    easy = "easy"
+    standard = "standard"
+    hard = "hard"
+
+
+class ThresholdPolicy(str, Enum):
+    youden = "youden"
+    sensitivity = "sensitivity"
+
+
+@contextmanager
+def _progress():
+    """A rich progress display; yields ``report(stage, done, total)`` for the library to call."""
+    with Progress(
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+        disable=not err_console.is_terminal,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield report
+
+
+def _fail(exc: EdgedxError) -> typer.Exit:
+    err_console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=1)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4f}"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"{_fmt(value[0])}-{_fmt(value[1])}"
+    return str(value)
+
+
+def _metrics_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
+    keys = ["auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "npv", "n"]
+    table = Table(title=title)
+    table.add_column("split")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for split, row in metrics.items():
+        table.add_row(split, *(_fmt(row.get(k, "")) for k in keys))
+    return table
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"edgedx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """edgedx: from medical images to a scanner-side device."""
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the DICOM studies and labels.csv into.")],
+    studies: Annotated[int, typer.Option(help="Number of studies (one fake patient each).")] = 200,
+    slices: Annotated[int, typer.Option(help="Axial slices per study.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
+    difficulty: Annotated[Difficulty, typer.Option(help="Lesion size and density range.")] = Difficulty.standard,
+) -> None:
+    """Write synthetic head-CT studies with intracranial hemorrhage as real DICOM (no download).
+
+    One 512x512 CT file per slice (HU = stored - 1024), labels.csv in the RSNA layout (any,
+    epidural, intraparenchymal, intraventricular, subarachnoid, subdural) and a patient-level
+    train/val/test split.
+    """
+    from .data import SynthConfig, synthesize
+
+    try:
+        config = SynthConfig(studies=studies, slices=slices, seed=seed, difficulty=difficulty.value)
+        with _progress() as report:
+            synthesize(out, config, progress=lambda done, total: report("synthesize", done, total))
+    except EdgedxError as exc:
+        raise _fail(exc) from None
+    summary = json.loads((out / "dataset.json").read_text())
+    console.print(
+        f"wrote {summary['slices_written']} slices ({summary['positive_slices']} with hemorrhage) "
+        f"from {studies} studies to {out}"
+    )
+
+
+@data_app.command("info")
+def data_info(
+    path: Annotated[Path, typer.Argument(help="A DICOM folder with labels.csv, a MedMNIST .npz or an image folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Read a dataset and show its classes and split sizes."""
+    from .data import load_dataset
+
+    try:
+        summary = load_dataset(path).summary()
+    except EdgedxError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        console.print_json(data=summary)
+        return
+    table = Table(title=f"{summary['name']} ({summary['input']}) from {summary['source']}")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    for name in summary["classes"]:
+        table.add_column(name, justify="right")
+    for split, row in summary["splits"].items():
+        table.add_row(split, str(row["images"]), *map(str, row["per_class"]))
+    console.print(table)
+
+
+@app.command("models")
+def models_list(
+    input_size: Annotated[int, typer.Option(help="Input side in pixels for the MAC count.")] = 64,
+    channels: Annotated[int, typer.Option(help="Input channels (3 for brain,subdural,bone windows).")] = 3,
+    classes: Annotated[int, typer.Option(help="Number of classes.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the registered architectures with parameter counts and MACs at an input size."""
+    from .models import count_macs, count_parameters, create_model, list_architectures
+
+    rows = []
+    for name in list_architectures():
+        model = create_model(name, (input_size, input_size, channels), classes)
+        rows.append({"arch": name, "parameters": count_parameters(model)[0], "macs": count_macs(model)})
+    if as_json:
+        console.print_json(data=rows)
+        return
+    table = Table(title=f"architectures at {input_size}x{input_size}x{channels}, {classes} classes")
+    for col in ("arch", "parameters", "MMACs"):
+        table.add_column(col, justify="left" if col == "arch" else "right")
+    for row in rows:
+        table.add_row(row["arch"], f"{row['parameters']:,}", f"{row['macs'] / 1e6:.1f}")
+    console.print(table)
+
+
+@app.command("train")
+def train_command(
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (must not exist).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="A DICOM folder with labels.csv, a MedMNIST .npz or an image folder. "
+            "Default: the embedded synthetic head-CT set, generated on first use."
+        ),
+    ] = None,
+    arch: Annotated[str, typer.Option(help="Architecture (see `edgedx models`).")] = "resnet-small",
+    width: Annotated[float | None, typer.Option(help="Channel width multiplier (default: the arch's own).")] = None,
+    input_size: Annotated[
+        int | None,
+        typer.Option(help="Model input side in pixels (default: 64 for head CT, the native size for MedMNIST)."),
+    ] = None,
+    windows: Annotated[
+        str, typer.Option(help="CT windows stacked as channels: presets brain, subdural, bone, or CENTER/WIDTH in HU.")
+    ] = "brain,subdural,bone",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation AUC).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-3,
+    patience: Annotated[int, typer.Option(help="Epochs without validation-AUC gain before stopping.")] = 6,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    augment: Annotated[bool, typer.Option(help="Flip (where laterality allows), rotate and shift.")] = True,
+    threshold: Annotated[
+        ThresholdPolicy, typer.Option(help="How the decision threshold is chosen on validation data.")
+    ] = ThresholdPolicy.youden,
+    target_sensitivity: Annotated[
+        float | None, typer.Option(help="With --threshold sensitivity: the sensitivity to reach, e.g. 0.95.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+) -> None:
+    """Train a float CNN and write a model bundle (model.keras, manifest.json, history.json)."""
+    try:
+        from .data import default_dataset, load_dataset
+        from .train import TrainConfig, train
+
+        config = TrainConfig(
+            arch=arch,
+            width=width,
+            input_size=input_size,
+            windows=tuple(windows.split(",")),
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            patience=patience,
+            seed=seed,
+            augment=augment,
+            threshold_policy=threshold.value,
+            target_sensitivity=target_sensitivity,
+        )
+        with _progress() as report:
+            dataset = (
+                load_dataset(data)
+                if data
+                else default_dataset(progress=lambda done, total: report("synthesize default", done, total))
+            )
+
+            def on_epoch(epoch: int, row: dict[str, float]) -> None:
+                if not as_json:
+                    err_console.print(
+                        f"epoch {epoch:3d}  loss {row['loss']:.4f}  val AUC {row['val_auc']:.4f}  "
+                        f"{row['seconds']:.1f}s",
+                        highlight=False,
+                    )
+
+            result = train(dataset, out, config, progress=report, on_epoch=on_epoch, overwrite=overwrite)
+    except EdgedxError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        console.print_json(
+            data={
+                "bundle": str(result.bundle.path),
+                "seconds": round(result.seconds, 1),
+                "threshold": result.bundle.threshold,
+                "metrics": result.metrics,
+            }
+        )
+        return
+    console.print(_metrics_table(f"{result.bundle.name}: {arch} on {dataset.name}", result.metrics))
+    console.print(
+        f"bundle written to {result.bundle.path} in {result.seconds:.0f}s (threshold {_fmt(result.bundle.threshold)})"
+    )
+
+
+@app.command("info")
+def info_command(
+    bundle: Annotated[Path, typer.Argument(help="A model bundle folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
+) -> None:
+    """Show a bundle's manifest: model, preprocessing, threshold, data and metrics; checks checksums."""
+    from .bundle import read_bundle
+
+    try:
+        b = read_bundle(bundle)
+    except EdgedxError as exc:
+        raise _fail(exc) from None
+    m = b.manifest
+    if as_json:
+        console.print_json(data=m)
+        return
+    spec = b.preprocess
+    arch = m.get("arch", {})
+    console.print(
+        f"[bold]{b.name}[/bold]  (edgedx bundle v{m['format_version']}, made by edgedx {m['edgedx_version']})"
+    )
+    console.print(
+        f"arch        {arch.get('name')}  {arch.get('parameters', 0):,} parameters, "
+        f"{arch.get('macs', 0) / 1e6:.1f} MMACs"
+    )
+    console.print(f"task        {m['task']['kind']}: {', '.join(m['task']['class_names'])}")
+    windows = ", ".join(f"{w.name} {w.center:g}/{w.width:g}" for w in spec.windows) or "grey levels"
+    console.print(f"input       {m['input']['shape']} {m['input']['dtype']}; {spec.input}: {windows}")
+    console.print(f"threshold   {_fmt(b.threshold)} ({m.get('threshold', {}).get('policy')})")
+    console.print(f"data        {m.get('data', {}).get('name')} from {m.get('data', {}).get('source')}")
+    for role, rec in m["models"].items():
+        console.print(f"model       {role}: {rec['file']} {rec['bytes']:,} bytes sha256 {rec['sha256'][:16]}")
+    if m.get("metrics"):
+        console.print(_metrics_table("metrics", m["metrics"]))
+    console.print("checksums   all files match the manifest")
+
+
+def _not_yet(command: str) -> None:
+    err_console.print(f"edgedx {command} is not implemented yet in edgedx {__version__}.")
+    raise typer.Exit(code=2)
+
+
+@app.command("compress", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def compress_command() -> None:
+    """(Not yet available) Prune, distill and quantize a bundle."""
+    _not_yet("compress")
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_command() -> None:
+    """(Not yet available) Measure float vs compressed models against a device profile."""
+    _not_yet("bench")
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_command() -> None:
+    """(Not yet available) Run the on-device inference daemon."""
+    _not_yet("serve")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,113 @@
+"""The dataset every reader returns: labelled 2-D images in train/val/test splits, read lazily."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import DataError
+from ..preprocess import InputKind, PreprocessSpec, scale_and_resize
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``ids[i]`` names image ``i`` (a file path or ``npz:key[i]``), ``labels[i]`` its class.
+
+    Images are read on demand by ``read(i)``, which returns the raw 2-D image: HU for CT, grey
+    levels otherwise, float32 or integer (H, W).
+    """
+
+    ids: tuple[str, ...]
+    labels: np.ndarray
+    read: Callable[[int], np.ndarray] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.labels):
+            raise DataError(f"{len(self.ids)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def images(self) -> Iterator[np.ndarray]:
+        return (self.read(i) for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Labelled images from one source, split by patient where the source knows patients.
+
+    Attributes:
+        name: Short name (``headct-synth``, ``pneumoniamnist``, a folder name).
+        source: Where it was read from.
+        input: ``"hu"`` when images are CT in Hounsfield units, ``"intensity"`` for grey levels.
+        class_names: Name of each class index.
+        splits: ``train``, ``val`` and ``test``.
+        hflip_ok: Whether a left-right flip keeps the label (not for organ laterality classes).
+        default_size: Input size a model should use when the user gives none.
+    """
+
+    name: str
+    source: str
+    input: InputKind
+    class_names: tuple[str, ...]
+    splits: dict[str, Split]
+    hflip_ok: bool = True
+    default_size: int = 64
+
+    def __post_init__(self) -> None:
+        missing = [s for s in SPLITS if s not in self.splits or len(self.splits[s]) == 0]
+        if missing:
+            raise DataError(f"{self.source}: split(s) {', '.join(missing)} are empty or missing")
+        for name, split in self.splits.items():
+            bad = split.labels[(split.labels < 0) | (split.labels >= len(self.class_names))]
+            if bad.size:
+                raise DataError(
+                    f"{self.source}: {name} split has label {bad[0]} outside "
+                    f"0..{len(self.class_names) - 1} ({', '.join(self.class_names)})"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "input": self.input,
+            "classes": list(self.class_names),
+            "splits": {
+                s: {"images": len(sp), "per_class": np.bincount(sp.labels, minlength=self.num_classes).tolist()}
+                for s, sp in self.splits.items()
+            },
+        }
+
+
+@dataclass(frozen=True)
+class PreparedSplit:
+    """A split turned into arrays: ``x`` float32 (N, S, S, C) scaled to [0, 1] but not normalised."""
+
+    x: np.ndarray
+    y: np.ndarray
+    fingerprint: str  # SHA-256 of the raw images and labels, independent of preprocessing
+
+
+def prepare_split(
+    split: Split, spec: PreprocessSpec, progress: Callable[[int, int], None] | None = None
+) -> PreparedSplit:
+    """Read every image once: hash it raw and scale it with ``spec`` (normalisation comes later)."""
+    digest = hashlib.sha256()
+    x = np.empty((len(split), spec.size, spec.size, spec.channels), np.float32)
+    for i, image in enumerate(split.images()):
+        digest.update(np.ascontiguousarray(image).tobytes())
+        x[i] = scale_and_resize(image, spec)
+        if progress:
+            progress(i + 1, len(split))
+    labels = split.labels.astype(np.int64)
+    digest.update(labels.tobytes())
+    return PreparedSplit(x=x, y=labels, fingerprint=digest.hexdigest())

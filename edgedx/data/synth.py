@@ -1,0 +1,439 @@
+"""The embedded default data: synthetic head-CT studies with intracranial hemorrhage, as real DICOM.
+
+Each study is one fake patient: an axial series of 512 x 512 CT slices stored as int16 with
+Rescale Intercept -1024 (stored value = HU + 1024). Anatomy is drawn in Hounsfield units:
+air, scalp, a skull with dense tables and a lighter diploe, a thin extra-axial CSF layer, grey
+matter in a folded cortical ribbon, white matter, sulci and lateral ventricles, plus quantum
+noise. Positive studies carry acute blood (50-90 HU) in one or two of the five RSNA subtypes,
+spanning a run of slices and thinning towards its ends, which is where the hard cases are.
+
+Everything is drawn from ``numpy.random.default_rng([seed, study])``: the same seed gives the
+same files, and a study does not change when more studies are asked for.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+
+SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+LABEL_COLUMNS = ("any", *SUBTYPES)
+GENERATOR_VERSION = 1
+SIZE = 512
+PIXEL_SPACING_MM = 0.45
+SLICE_THICKNESS_MM = 5.0
+RESCALE_INTERCEPT = -1024
+
+#: HU ranges the generator draws each tissue from (before noise); tests check them.
+TISSUE_HU: dict[str, tuple[float, float]] = {
+    "air": (-1000.0, -1000.0),
+    "scalp": (0.0, 40.0),
+    "skull": (700.0, 1500.0),
+    "grey": (35.0, 40.0),
+    "white": (25.0, 30.0),
+    "csf": (0.0, 15.0),
+    "blood": (50.0, 90.0),
+}
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How hard the lesions are to see: blood density range and a size multiplier."""
+
+    name: str
+    blood_hu: tuple[float, float]
+    size_scale: float
+    positive_fraction: float = 0.5
+
+
+DIFFICULTIES: dict[str, Difficulty] = {
+    "easy": Difficulty("easy", (65.0, 90.0), 1.4),
+    "standard": Difficulty("standard", (52.0, 85.0), 1.0),
+    "hard": Difficulty("hard", (50.0, 65.0), 0.6),
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SynthConfig:
+    """What ``edgedx data synth`` makes."""
+
+    studies: int = 200
+    slices: int = 6
+    seed: int = 0
+    difficulty: str = "standard"
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+
+    def __post_init__(self) -> None:
+        if self.studies < 3:
+            raise ConfigError(f"need at least 3 studies (one per split), got {self.studies}")
+        if not 1 <= self.slices <= 64:
+            raise ConfigError(f"slices per study must be 1..64, got {self.slices}")
+        if self.difficulty not in DIFFICULTIES:
+            raise ConfigError(f"unknown difficulty {self.difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
+        if len(self.split) != 3 or any(f <= 0 for f in self.split) or abs(sum(self.split) - 1) > 1e-6:
+            raise ConfigError(f"split must be three positive fractions summing to 1, got {self.split}")
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One bleed in a study: its subtype, where it is, and its extent over the slices."""
+
+    subtype: str
+    hu: float
+    center_slice: float
+    half_extent: float  # in slices
+    angle: float  # radians, for the extra-axial and subarachnoid bleeds
+    span: float  # angular half-width, radians
+    size: float  # thickness or radius in pixels at the centre slice
+    position: tuple[float, float]  # normalised (x, y) inside the brain, intraparenchymal only
+
+
+@dataclass(frozen=True)
+class Head:
+    """The fixed geometry of one fake patient's head."""
+
+    semi_axes: tuple[float, float]  # pixels, left-right and antero-posterior, widest slice
+    center: tuple[float, float]
+    rotation: float
+    shape_phases: tuple[float, float]
+    scalp_px: float
+    skull_px: float
+    gyri: int
+    gyrus_phase: float
+    cortex_px: float
+    noise_hu: float
+
+
+@dataclass(frozen=True)
+class SliceImage:
+    """One synthetic slice: HU values and the masks the generator drew them in."""
+
+    hu: np.ndarray  # float32 (512, 512), noise included
+    masks: dict[str, np.ndarray]  # tissue or subtype name -> bool (512, 512)
+
+    @property
+    def labels(self) -> dict[str, int]:
+        present = {s: int(self.masks[s].any()) for s in SUBTYPES}
+        return {"any": int(any(present.values())), **present}
+
+
+def make_head(rng: np.random.Generator) -> Head:
+    a = rng.uniform(150, 180)
+    return Head(
+        semi_axes=(a, a * rng.uniform(1.15, 1.3)),
+        center=(256 + rng.uniform(-25, 25), 256 + rng.uniform(-20, 20)),
+        rotation=rng.uniform(-0.2, 0.2),
+        shape_phases=(rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)),
+        scalp_px=rng.uniform(5, 9),
+        skull_px=rng.uniform(13, 22),
+        gyri=int(rng.integers(34, 46)),
+        gyrus_phase=rng.uniform(0, 2 * np.pi),
+        cortex_px=rng.uniform(9, 14),
+        noise_hu=rng.uniform(3, 7),
+    )
+
+
+def make_lesions(rng: np.random.Generator, slices: int, difficulty: Difficulty) -> list[Lesion]:
+    if rng.random() >= difficulty.positive_fraction:
+        return []
+    count = 1 if rng.random() < 0.75 else 2
+    lesions = []
+    for subtype in rng.choice(SUBTYPES, size=count, replace=False):
+        size = {
+            "epidural": rng.uniform(5, 26),
+            "subdural": rng.uniform(2, 11),
+            "intraparenchymal": rng.uniform(3, 30),
+            "subarachnoid": rng.uniform(0.4, 1.0),  # fraction of sulcal depth filled
+            "intraventricular": rng.uniform(0.2, 0.8),  # fraction of ventricle filled
+        }[str(subtype)]
+        scale = difficulty.size_scale if subtype not in ("subarachnoid", "intraventricular") else 1.0
+        lo, hi = difficulty.blood_hu
+        lesions.append(
+            Lesion(
+                subtype=str(subtype),
+                hu=float(rng.uniform(lo, hi)),
+                center_slice=float(rng.uniform(0, slices - 1)),
+                half_extent=float(rng.uniform(0.8, max(1.0, slices * 0.6))),
+                angle=float(rng.uniform(-np.pi, np.pi)),
+                span=float(rng.uniform(0.25, 0.5) if subtype == "epidural" else rng.uniform(0.5, 1.3)),
+                size=float(size * scale),
+                position=(float(rng.uniform(-0.55, 0.55)), float(rng.uniform(-0.55, 0.55))),
+            )
+        )
+    return lesions
+
+
+def _lesion_profile(lesion: Lesion, slice_index: int) -> float:
+    """How much of the lesion's size shows on this slice: 1 at its centre, falling to 0 at its ends."""
+    t = (slice_index - lesion.center_slice) / lesion.half_extent
+    return float(np.sqrt(max(0.0, 1.0 - t * t)))
+
+
+def _texture(rng: np.random.Generator, shape: tuple[int, int], cells: int = 16) -> np.ndarray:
+    """Smooth random field in [-1, 1]: coarse noise upsampled by repetition and box-blurred."""
+    coarse = rng.uniform(-1, 1, size=(cells + 1, cells + 1)).astype(np.float32)
+    reps = (shape[0] // cells, shape[1] // cells)
+    field = np.kron(coarse, np.ones(reps, np.float32))[: shape[0], : shape[1]]
+    k = reps[0]
+    c = np.cumsum(np.cumsum(np.pad(field, ((k, 0), (k, 0)), mode="edge"), 0), 1)
+    blurred = (c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]) / (k * k)
+    return np.clip(blurred / max(1e-6, float(np.abs(blurred).max())), -1, 1)
+
+
+def render_slice(
+    head: Head, lesions: list[Lesion], slice_index: int, slices: int, rng: np.random.Generator
+) -> SliceImage:
+    """Draw one axial slice of ``head`` (0 = lowest of ``slices``) with its lesions, in HU."""
+    t = slice_index / max(1, slices - 1)
+    level = 1.0 - 0.25 * t**2  # the head narrows towards the vertex
+    a, b = head.semi_axes[0] * level, head.semi_axes[1] * level
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    dx, dy = xx - head.center[0], yy - head.center[1]
+    c, s = np.cos(head.rotation), np.sin(head.rotation)
+    u, v = c * dx + s * dy, -s * dx + c * dy
+    theta = np.arctan2(v / b, u / a)
+    wobble = 1 + 0.025 * np.sin(2 * theta + head.shape_phases[0]) + 0.015 * np.sin(3 * theta + head.shape_phases[1])
+    # depth: pixels inward from the outer scalp surface (approximately, along the ellipse normal)
+    rho = np.sqrt((u / a) ** 2 + (v / b) ** 2) / wobble
+    radius_px = np.sqrt(a * b)
+    depth = (1.0 - rho) * radius_px
+
+    inner_skull = head.scalp_px + head.skull_px
+    brain_depth = depth - inner_skull  # 0 at the inner table
+    masks: dict[str, np.ndarray] = {}
+    masks["air"] = depth < 0
+    masks["scalp"] = (depth >= 0) & (depth < head.scalp_px)
+    masks["skull"] = (depth >= head.scalp_px) & (depth < inner_skull)
+    extra_axial = (brain_depth >= 0) & (brain_depth < 1.5)
+    brain = brain_depth >= 1.5
+
+    gyral = np.cos(head.gyri * theta + head.gyrus_phase + 2.0 * np.sin(3 * theta))
+    sulcus_depth = head.cortex_px * (1.2 + 0.6 * np.sin(7 * theta + head.gyrus_phase))
+    sulci = brain & (gyral > 0.93) & (brain_depth < sulcus_depth)
+    white_start = head.cortex_px * (1.0 + 0.35 * gyral)
+    midline = brain & (np.abs(u) < 1.6) & (np.abs(v) > 0.35 * b)
+    vent_scale = max(0.0, 1.0 - abs(t - 0.35) / 0.45)
+    ventricles = np.zeros_like(brain)
+    if vent_scale > 0:
+        for side in (-1, 1):
+            vx, vy = u - side * 0.11 * a, v + 0.04 * b
+            ang = side * 0.3
+            ex = np.cos(ang) * vx + np.sin(ang) * vy
+            ey = -np.sin(ang) * vx + np.cos(ang) * vy
+            ventricles |= (ex / (0.055 * a * vent_scale)) ** 2 + (ey / (0.26 * b * vent_scale)) ** 2 < 1
+        ventricles &= brain
+    masks["csf"] = extra_axial | sulci | midline | ventricles
+    masks["grey"] = brain & ~masks["csf"] & (brain_depth < white_start)
+    masks["white"] = brain & ~masks["csf"] & ~masks["grey"]
+
+    for subtype in SUBTYPES:
+        masks[subtype] = np.zeros_like(brain)
+    for lesion in lesions:
+        profile = _lesion_profile(lesion, slice_index)
+        if profile <= 0:
+            continue
+        dtheta = np.angle(np.exp(1j * (theta - lesion.angle))).astype(np.float32)
+        within = np.clip(1 - (dtheta / lesion.span) ** 2, 0, None)
+        if lesion.subtype == "epidural":  # biconvex lens against the inner table
+            mask = (brain_depth >= 0) & (brain_depth < lesion.size * profile * within)
+        elif lesion.subtype == "subdural":  # thin crescent following the skull
+            mask = (brain_depth >= 0) & (brain_depth < lesion.size * profile * np.sqrt(within))
+        elif lesion.subtype == "intraparenchymal":
+            px, py = lesion.position[0] * 0.6 * a, lesion.position[1] * 0.6 * b
+            r = lesion.size * profile * (1 + 0.2 * np.sin(5 * np.arctan2(v - py, u - px) + lesion.angle))
+            mask = brain & ~ventricles & ((u - px) ** 2 + (v - py) ** 2 < r**2)
+        elif lesion.subtype == "subarachnoid":  # blood in the sulci of one sector
+            mask = (sulci | extra_axial) & (within > 0) & (brain_depth < sulcus_depth * lesion.size * profile)
+        else:  # intraventricular: blood layering in the dependent (posterior) part
+            cut = np.quantile(v[ventricles], 1 - lesion.size * profile) if ventricles.any() else np.inf
+            mask = ventricles & (v >= cut)
+        masks[lesion.subtype] |= mask
+
+    blood = np.zeros_like(brain)
+    for subtype in SUBTYPES:
+        blood |= masks[subtype]
+    for tissue in ("scalp", "skull", "csf", "grey", "white"):
+        masks[tissue] &= ~blood
+    masks["blood"] = blood
+
+    texture = _texture(rng, (SIZE, SIZE))
+    hu = np.full((SIZE, SIZE), -1000.0, np.float32)
+    hu[masks["scalp"]] = 20 + 20 * texture[masks["scalp"]]
+    across = np.clip((depth - head.scalp_px) / head.skull_px, 0, 1)  # 0 outer table, 1 inner table
+    skull_hu = 700 + 800 * np.abs(2 * across - 1) ** 0.7 + 60 * texture
+    hu[masks["skull"]] = np.clip(skull_hu, 700, 1500)[masks["skull"]]
+    hu[masks["csf"]] = 7.5 + 7.5 * texture[masks["csf"]]
+    hu[masks["grey"]] = 37.5 + 2.5 * texture[masks["grey"]]
+    hu[masks["white"]] = 27.5 + 2.5 * texture[masks["white"]]
+    for lesion in lesions:
+        m = masks[lesion.subtype]
+        hu[m] = np.clip(lesion.hu + 3 * texture[m], *TISSUE_HU["blood"])
+    noisy = hu + rng.normal(0, head.noise_hu, size=hu.shape).astype(np.float32) * (~masks["air"])
+    return SliceImage(hu=noisy, masks=masks)
+
+
+def _uid(seed: int, *parts: object) -> str:
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["edgedx-synth", str(seed), *map(str, parts)]))
+
+
+def write_slice_dicom(
+    path: Path,
+    image: SliceImage,
+    *,
+    seed: int,
+    study: int,
+    index: int,
+    slices: int,
+    patient_id: str,
+    rng_dates: dt.date,
+) -> str:
+    """Write one slice as CT Image Storage (Explicit VR Little Endian); returns its SOPInstanceUID."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+
+    sop_uid = _uid(seed, study, "instance", index)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    date = rng_dates.strftime("%Y%m%d")
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = _uid(seed, study, "study")
+    ds.SeriesInstanceUID = _uid(seed, study, "series")
+    ds.FrameOfReferenceUID = _uid(seed, study, "frame")
+    ds.PatientName = f"SYNTH^{patient_id}"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = (rng_dates - dt.timedelta(days=365 * (20 + study % 60))).strftime("%Y%m%d")
+    ds.PatientSex = "MF"[study % 2]
+    ds.AccessionNumber = f"SYN{seed:04d}{study:05d}"
+    ds.StudyID = str(study)
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = date
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.StudyDescription = "CT HEAD WO CONTRAST (SYNTHETIC)"
+    ds.SeriesDescription = "AXIAL 5MM (SYNTHETIC)"
+    ds.Modality = "CT"
+    ds.Manufacturer = "edgedx synthetic"
+    ds.BodyPartExamined = "HEAD"
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    ds.SliceThickness = SLICE_THICKNESS_MM
+    z = SLICE_THICKNESS_MM * index
+    ds.ImagePositionPatient = [-SIZE * PIXEL_SPACING_MM / 2, -SIZE * PIXEL_SPACING_MM / 2, z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SliceLocation = z
+    ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
+    ds.KVP = 120
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = SIZE
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1
+    ds.RescaleIntercept = RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    ds.WindowCenter = 40
+    ds.WindowWidth = 80
+    stored = np.clip(np.rint(image.hu) - RESCALE_INTERCEPT, -32768, 32767).astype("<i2")
+    ds.PixelData = stored.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return sop_uid
+
+
+def study_split(config: SynthConfig) -> list[str]:
+    """Split name of each study: a seeded shuffle of patients cut in the configured fractions."""
+    order = np.random.default_rng([config.seed, 10**6]).permutation(config.studies)
+    n_train = max(1, round(config.split[0] * config.studies))
+    n_val = max(1, round(config.split[1] * config.studies))
+    n_train = min(n_train, config.studies - n_val - 1)
+    names = ["test"] * config.studies
+    for rank, study in enumerate(order):
+        names[study] = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+    return names
+
+
+def synthesize(
+    out: Path, config: SynthConfig = SynthConfig(), progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Write ``config.studies`` synthetic head-CT studies to ``out`` with ``labels.csv``.
+
+    Layout: ``out/<PatientID>/<instance>.dcm``, ``out/labels.csv`` (a row per slice: file,
+    SOPInstanceUID, PatientID, split and the RSNA label columns ``any`` and the five subtypes),
+    and ``out/dataset.json`` (what made it).
+
+    Args:
+        out: Folder to create; must not hold an earlier ``labels.csv``.
+        config: Number of studies, slices per study, seed and difficulty.
+        progress: Called with (slices done, slices in all) after each slice.
+
+    Returns:
+        ``out``.
+    """
+    if (out / "labels.csv").exists():
+        raise ConfigError(f"{out} already holds a dataset (labels.csv); choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    difficulty = DIFFICULTIES[config.difficulty]
+    splits = study_split(config)
+    rows = []
+    total, done = config.studies * config.slices, 0
+    for study in range(config.studies):
+        rng = np.random.default_rng([config.seed, study])
+        head = make_head(rng)
+        lesions = make_lesions(rng, config.slices, difficulty)
+        patient_id = f"SYN{config.seed:03d}P{study:05d}"
+        date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1800)))
+        folder = out / patient_id
+        folder.mkdir(exist_ok=True)
+        for index in range(config.slices):
+            image = render_slice(head, lesions, index, config.slices, rng)
+            rel = f"{patient_id}/{index:03d}.dcm"
+            uid = write_slice_dicom(
+                out / rel,
+                image,
+                seed=config.seed,
+                study=study,
+                index=index,
+                slices=config.slices,
+                patient_id=patient_id,
+                rng_dates=date,
+            )
+            rows.append(
+                {"file": rel, "SOPInstanceUID": uid, "PatientID": patient_id, "split": splits[study], **image.labels}
+            )
+            done += 1
+            if progress:
+                progress(done, total)
+    with open(out / "labels.csv.tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "SOPInstanceUID", "PatientID", "split", *LABEL_COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "dataset.json").write_text(
+        json.dumps(
+            {
+                "generator": "edgedx.data.synth",
+                "generator_version": GENERATOR_VERSION,
+                **asdict(config),
+                "slices_written": len(rows),
+                "positive_slices": sum(r["any"] for r in rows),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "labels.csv.tmp").rename(out / "labels.csv")  # last: a folder with labels.csv is complete
+    return out

@@ -1,0 +1,131 @@
+"""Clinical metrics from scikit-learn: AUC with a bootstrap CI, sensitivity, specificity, PPV, NPV.
+
+Binary tasks take ``scores`` of shape (N,), the probability of the positive class, and a
+decision threshold; multi-class tasks take (N, K) class probabilities and decide by argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
+
+from .errors import ConfigError, DataError
+
+
+def auc(y: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC; macro one-vs-rest over classes for (N, K) scores."""
+    if scores.ndim == 1:
+        return float(roc_auc_score(y, scores))
+    return float(roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=np.arange(scores.shape[1])))
+
+
+def bootstrap_auc_ci(
+    y: np.ndarray, scores: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the AUC, resampling cases with replacement.
+
+    Resamples that miss a class are drawn again (they have no AUC).
+    """
+    rng = np.random.default_rng(seed)
+    n, classes = len(y), np.unique(y).size
+    values: list[float] = []
+    draws = 0
+    while len(values) < resamples and draws < resamples * 10:
+        draws += 1
+        idx = rng.integers(0, n, n)
+        if np.unique(y[idx]).size < classes:
+            continue
+        values.append(auc(y[idx], scores[idx]))
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(values, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def choose_threshold(
+    y: np.ndarray, scores: np.ndarray, *, policy: str = "youden", target_sensitivity: float | None = None
+) -> float:
+    """Pick the decision threshold on validation data.
+
+    Args:
+        y: 0/1 labels (N,).
+        scores: Positive-class probabilities (N,).
+        policy: ``"youden"`` maximises sensitivity + specificity - 1; ``"sensitivity"`` takes the
+            highest threshold whose sensitivity reaches ``target_sensitivity``.
+    """
+    if np.unique(y).size < 2:
+        raise DataError("the validation split has a single class; a threshold cannot be chosen on it")
+    fpr, tpr, thresholds = roc_curve(y, scores)
+    thresholds = np.clip(thresholds, 0.0, 1.0)  # sklearn puts +inf first
+    if policy == "youden":
+        return float(thresholds[int(np.argmax(tpr - fpr))])
+    if policy == "sensitivity":
+        if target_sensitivity is None or not 0 < target_sensitivity <= 1:
+            raise ConfigError(f"target sensitivity must be in (0, 1], got {target_sensitivity}")
+        reaching = np.flatnonzero(tpr >= target_sensitivity)
+        return float(thresholds[reaching[0]])
+    raise ConfigError(f"unknown threshold policy {policy!r}; choose youden or sensitivity")
+
+
+def _ratio(num: float, den: float) -> float:
+    return float(num / den) if den else float("nan")
+
+
+def evaluate(
+    y: np.ndarray, scores: np.ndarray, threshold: float | None = None, *, resamples: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Metrics of a set of predictions.
+
+    Returns:
+        ``auc``, ``auc_ci95``, ``accuracy``, ``sensitivity``, ``specificity``, ``ppv``, ``npv``,
+        ``confusion_matrix`` (rows = truth), ``n`` and, for binary tasks, ``threshold``.
+        Multi-class sensitivity, specificity, PPV and NPV are macro averages over classes.
+    """
+    y = np.asarray(y).astype(np.int64).reshape(-1)
+    scores = np.asarray(scores, np.float64)
+    if len(y) != len(scores):
+        raise DataError(f"{len(y)} labels but {len(scores)} predictions")
+    binary = scores.ndim == 1
+    if binary:
+        if threshold is None:
+            raise ConfigError("binary metrics need a decision threshold")
+        decisions = (scores >= threshold).astype(np.int64)
+        k = 2
+    else:
+        decisions = scores.argmax(axis=1)
+        k = scores.shape[1]
+    cm = confusion_matrix(y, decisions, labels=np.arange(k))
+    tp = np.diag(cm).astype(np.float64)
+    fn = cm.sum(axis=1) - tp
+    fp = cm.sum(axis=0) - tp
+    tn = cm.sum() - tp - fn - fp
+    has_both = np.unique(y).size == k
+    result: dict[str, Any] = {
+        "n": len(y),
+        "auc": auc(y, scores) if has_both else float("nan"),
+        "auc_ci95": list(bootstrap_auc_ci(y, scores, resamples=resamples, seed=seed))
+        if has_both
+        else [float("nan")] * 2,
+        "accuracy": float(tp.sum() / cm.sum()),
+    }
+    if binary:  # the positive class is 1
+        result |= {
+            "threshold": float(threshold),
+            "sensitivity": _ratio(tp[1], tp[1] + fn[1]),
+            "specificity": _ratio(tn[1], tn[1] + fp[1]),
+            "ppv": _ratio(tp[1], tp[1] + fp[1]),
+            "npv": _ratio(tn[1], tn[1] + fn[1]),
+            "prevalence": float(y.mean()),
+        }
+    else:
+        result |= {
+            "sensitivity": float(np.nanmean([_ratio(a, a + b) for a, b in zip(tp, fn, strict=True)])),
+            "specificity": float(np.nanmean([_ratio(a, a + b) for a, b in zip(tn, fp, strict=True)])),
+            "ppv": float(np.nanmean([_ratio(a, a + b) for a, b in zip(tp, fp, strict=True)])),
+            "npv": float(np.nanmean([_ratio(a, a + b) for a, b in zip(tn, fn, strict=True)])),
+        }
+    result["confusion_matrix"] = cm.tolist()
+    return result

@@ -1,0 +1,99 @@
+"""The CLI: help texts, exit codes, one-line errors, and the commands end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from edgedx.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("data", "train", "models", "info", "compress", "bench", "serve"):
+        assert command in result.output
+
+
+def test_train_help_explains_defaults():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0
+    assert "embedded synthetic head-CT" in result.output and "brain,subdural,bone" in result.output
+
+
+def test_synth_and_data_info(tmp_path):
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["data", "synth", str(out), "--studies", "3", "--slices", "1", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 3 slices" in result.output and (out / "labels.csv").is_file()
+    info = runner.invoke(app, ["data", "info", str(out), "--json"])
+    assert info.exit_code == 0
+    summary = json.loads(info.output)
+    assert summary["classes"] == ["no-any", "any"] and summary["input"] == "hu"
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "x"), "--studies", "1"])
+    assert result.exit_code == 1
+    assert "ConfigError: need at least 3 studies" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_choice_rejected_by_parser(tmp_path):
+    result = runner.invoke(app, ["data", "synth", str(tmp_path / "x"), "--difficulty", "extreme"])
+    assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_info_refuses_tampered_bundle(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 1 and "BundleError" in result.output
+
+
+@pytest.mark.parametrize("command", ["compress", "bench", "serve"])
+def test_placeholders_say_so(command):
+    result = runner.invoke(app, [command, "anything"])
+    assert result.exit_code == 2 and "not implemented yet" in result.output
+
+
+@pytest.mark.tf
+def test_models_table():
+    pytest.importorskip("tf_keras")
+    result = runner.invoke(app, ["models", "--input-size", "32", "--json"])
+    assert result.exit_code == 0
+    rows = {r["arch"]: r for r in json.loads(result.output)}
+    assert set(rows) == {"seed-cnn", "resnet-small", "mobilenetv2"} and all(r["macs"] > 0 for r in rows.values())
+
+
+@pytest.mark.tf
+def test_train_then_info(tiny_npz, tmp_path):
+    pytest.importorskip("tf_keras")
+    out = tmp_path / "b"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tiny_npz),
+            "--out",
+            str(out),
+            "--arch",
+            "seed-cnn",
+            "--width",
+            "0.25",
+            "--epochs",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["metrics"]) == {"val", "test"} and 0 <= report["metrics"]["test"]["auc"] <= 1
+    info = runner.invoke(app, ["info", str(out)], env={"COLUMNS": "240"})
+    assert info.exit_code == 0 and "all files match" in info.output and "seed-cnn" in info.output
+    again = runner.invoke(app, ["train", "--data", str(tiny_npz), "--out", str(out), "--epochs", "1"])
+    assert again.exit_code == 1 and "already exists" in again.output

@@ -1,0 +1,47 @@
+"""Clinical metrics against hand-counted values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgedx.errors import ConfigError, DataError
+from edgedx.metrics import choose_threshold, evaluate
+
+
+class TestBinary:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+
+    def test_counts_at_threshold(self):
+        """At 0.5: TP 3, FN 1, TN 3, FP 1."""
+        m = evaluate(self.y, self.p, 0.5, resamples=200)
+        assert m["confusion_matrix"] == [[3, 1], [1, 3]]
+        assert (m["sensitivity"], m["specificity"], m["ppv"], m["npv"], m["accuracy"]) == (0.75, 0.75, 0.75, 0.75, 0.75)
+        assert m["auc"] == pytest.approx(15 / 16)  # only (pos 0.4, neg 0.6) of 16 pairs is misordered
+        lo, hi = m["auc_ci95"]
+        assert lo <= m["auc"] <= hi and hi - lo > 0.05
+
+    def test_youden_threshold(self):
+        assert choose_threshold(self.y, self.p) in (0.4, 0.7)
+
+    def test_sensitivity_target(self):
+        """The highest threshold that still catches every positive is 0.4."""
+        assert choose_threshold(self.y, self.p, policy="sensitivity", target_sensitivity=1.0) == 0.4
+
+    def test_errors(self):
+        with pytest.raises(ConfigError, match="target sensitivity"):
+            choose_threshold(self.y, self.p, policy="sensitivity")
+        with pytest.raises(DataError, match="single class"):
+            choose_threshold(np.zeros(4), np.ones(4))
+        with pytest.raises(DataError, match="3 labels but 2 predictions"):
+            evaluate(np.zeros(3), np.ones(2), 0.5)
+
+
+def test_multiclass_macro():
+    y = np.array([0, 1, 2, 2])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.2, 0.7], [0.6, 0.2, 0.2]])
+    m = evaluate(y, probs, resamples=50)
+    assert m["accuracy"] == 0.75 and m["confusion_matrix"][2] == [1, 0, 1]
+    assert m["sensitivity"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert "threshold" not in m

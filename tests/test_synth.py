@@ -1,0 +1,133 @@
+"""The embedded synthetic head CT: real DICOM, HU-correct tissues, labels that match the masks."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pydicom
+import pytest
+
+from edgedx.data.synth import (
+    DIFFICULTIES,
+    SUBTYPES,
+    TISSUE_HU,
+    Lesion,
+    SynthConfig,
+    make_head,
+    render_slice,
+    study_split,
+)
+from edgedx.errors import ConfigError
+from edgedx.preprocess import modality_lut
+
+
+class TestFiles:
+    def test_dicom_is_readable_ct(self, tiny_headct):
+        ds = pydicom.dcmread(next(tiny_headct.rglob("*.dcm")))
+        assert ds.SOPClassUID == pydicom.uid.CTImageStorage and ds.Modality == "CT"
+        assert (ds.Rows, ds.Columns, ds.PixelRepresentation) == (512, 512, 1)
+        assert ds.pixel_array.dtype == np.int16
+        assert (ds.RescaleSlope, ds.RescaleIntercept) == (1, -1024)
+        assert pydicom.uid.UID(ds.SOPInstanceUID).is_valid and pydicom.uid.UID(ds.StudyInstanceUID).is_valid
+        assert (ds.WindowCenter, ds.WindowWidth) == (40, 80)
+
+    def test_labels_csv_layout_and_patient_split(self, tiny_headct):
+        with open(tiny_headct / "labels.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == 30
+        assert list(rows[0])[-6:] == [
+            "any",
+            "epidural",
+            "intraparenchymal",
+            "intraventricular",
+            "subarachnoid",
+            "subdural",
+        ]
+        split_of: dict[str, set[str]] = {}
+        for row in rows:
+            split_of.setdefault(row["PatientID"], set()).add(row["split"])
+            assert int(row["any"]) == max(int(row[s]) for s in SUBTYPES)
+            assert pydicom.dcmread(tiny_headct / row["file"]).SOPInstanceUID == row["SOPInstanceUID"]
+        assert all(len(s) == 1 for s in split_of.values()), "a patient is in two splits"
+        assert {s for v in split_of.values() for s in v} == {"train", "val", "test"}
+
+    def test_deterministic_for_a_seed(self, tmp_path):
+        from edgedx.data import synthesize
+
+        a = synthesize(tmp_path / "a", SynthConfig(studies=3, slices=1, seed=7))
+        b = synthesize(tmp_path / "b", SynthConfig(studies=3, slices=1, seed=7))
+        assert (a / "labels.csv").read_text() == (b / "labels.csv").read_text()
+        for f in a.rglob("*.dcm"):
+            assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+
+    def test_refuses_to_overwrite(self, tiny_headct):
+        from edgedx.data import synthesize
+
+        with pytest.raises(ConfigError, match="already holds a dataset"):
+            synthesize(tiny_headct, SynthConfig(studies=3, slices=1))
+
+
+class TestAnatomy:
+    @pytest.mark.parametrize("subtype", SUBTYPES)
+    def test_tissue_hu_inside_masks(self, tmp_path, subtype):
+        """Written, read back with pydicom and the modality LUT: each tissue sits in its HU range."""
+        from edgedx.data.synth import write_slice_dicom
+
+        rng = np.random.default_rng(11)
+        head = make_head(rng)
+        lesion = Lesion(
+            subtype=subtype,
+            hu=70.0,
+            center_slice=0.0,
+            half_extent=2.0,
+            angle=0.5,
+            span=0.8,
+            size=18.0 if subtype not in ("subarachnoid", "intraventricular") else 0.8,
+            position=(0.2, -0.1),
+        )
+        image = render_slice(head, [lesion], 0, 3, rng)
+        import datetime as dt
+
+        path = tmp_path / "s.dcm"
+        write_slice_dicom(
+            path, image, seed=0, study=0, index=0, slices=3, patient_id="T", rng_dates=dt.date(2021, 1, 1)
+        )
+        ds = pydicom.dcmread(path)
+        hu = modality_lut(ds.pixel_array, ds.RescaleSlope, ds.RescaleIntercept)
+        assert image.masks[subtype].sum() > 20, f"{subtype} lesion was not drawn"
+        assert image.labels["any"] == 1 and image.labels[subtype] == 1
+        noise = 4 * head.noise_hu + 1  # 4 sigma of quantum noise plus rounding
+        for tissue, (lo, hi) in TISSUE_HU.items():
+            inside = hu[image.masks[tissue]]
+            assert inside.size > 0, tissue
+            assert lo - 1 <= np.median(inside) <= hi + 1, f"{tissue}: median {np.median(inside)} HU"
+            p1, p99 = np.percentile(inside, [1, 99])
+            assert lo - noise <= p1 and p99 <= hi + noise, f"{tissue}: 1-99% {p1:.0f}..{p99:.0f} HU"
+
+    def test_negative_slice_has_no_blood(self):
+        rng = np.random.default_rng(1)
+        image = render_slice(make_head(rng), [], 2, 6, rng)
+        assert not image.masks["blood"].any() and image.labels["any"] == 0
+
+    def test_lesion_fades_at_its_ends(self):
+        rng = np.random.default_rng(2)
+        head = make_head(rng)
+        lesion = Lesion("intraparenchymal", 70.0, 2.0, 2.0, 0.0, 1.0, 20.0, (0.45, 0.3))
+        areas = [render_slice(head, [lesion], i, 6, rng).masks["intraparenchymal"].sum() for i in range(6)]
+        assert areas[2] > areas[1] > areas[0] == 0 and areas[4] == 0
+
+
+class TestConfig:
+    def test_split_fractions(self):
+        names = study_split(SynthConfig(studies=100))
+        assert (names.count("train"), names.count("val"), names.count("test")) == (70, 15, 15)
+
+    def test_bad_config(self):
+        with pytest.raises(ConfigError, match="unknown difficulty 'extreme'; choose from easy, standard, hard"):
+            SynthConfig(difficulty="extreme")
+        with pytest.raises(ConfigError, match="at least 3 studies"):
+            SynthConfig(studies=2)
+
+    def test_difficulty_orders_lesions(self):
+        assert DIFFICULTIES["hard"].size_scale < DIFFICULTIES["standard"].size_scale < DIFFICULTIES["easy"].size_scale

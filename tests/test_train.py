@@ -1,0 +1,112 @@
+"""Training on tiny data: it learns, picks a threshold on validation data, and writes a usable bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.tf
+pytest.importorskip("tf_keras", reason="needs the [train] extra")
+
+from edgedx.bundle import read_bundle  # noqa: E402
+from edgedx.data import load_dataset  # noqa: E402
+from edgedx.errors import ConfigError  # noqa: E402
+from edgedx.preprocess import to_model_inputs  # noqa: E402
+from edgedx.train import TrainConfig, predict_scores, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_npz, tmp_path_factory):
+    dataset = load_dataset(tiny_npz)
+    out = tmp_path_factory.mktemp("train") / "toy"
+    epochs = []
+    result = train(
+        dataset,
+        out,
+        TrainConfig(arch="seed-cnn", width=0.25, epochs=8, batch_size=16),
+        on_epoch=lambda e, row: epochs.append(row),
+    )
+    return dataset, result, epochs
+
+
+def test_learns_toy_task(trained):
+    _, result, epochs = trained
+    assert result.metrics["test"]["auc"] > 0.95
+    assert 1 <= len(epochs) <= 8 and all(0 <= row["val_auc"] <= 1 for row in epochs)
+
+
+def test_manifest_is_complete(trained):
+    _, result, _ = trained
+    m = read_bundle(result.bundle.path).manifest
+    for split in ("val", "test"):
+        assert {"auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "npv"} <= set(m["metrics"][split])
+    assert m["input"]["shape"] == [1, 16, 16, 1] and m["task"]["class_names"] == ["class-0", "class-1"]
+    assert 0 <= m["threshold"]["value"] <= 1 and m["threshold"]["policy"] == "youden"
+    assert len(m["data"]["fingerprint"]["train"]) == 64
+    assert m["arch"]["name"] == "seed-cnn" and m["arch"]["parameters"] > 0
+    assert m["preprocess"]["mean"] and m["preprocess"]["std"]
+    assert (result.bundle.path / "history.json").is_file()
+
+
+def test_bundle_replays_preprocessing(trained):
+    """The saved model on spec-preprocessed raw images reproduces the recorded test AUC."""
+    from edgedx._tf import keras
+    from edgedx.metrics import auc
+
+    dataset, result, _ = trained
+    bundle = read_bundle(result.bundle.path)
+    model = keras.models.load_model(bundle.model_path("keras"))
+    split = dataset.splits["test"]
+    scores = predict_scores(model, to_model_inputs(split.images(), bundle.preprocess), "sigmoid")
+    assert auc(split.labels, scores) == pytest.approx(bundle.manifest["metrics"]["test"]["auc"], abs=1e-6)
+
+
+def test_deterministic(trained, tiny_npz, tmp_path):
+    dataset, result, _ = trained
+    again = train(dataset, tmp_path / "again", TrainConfig(arch="seed-cnn", width=0.25, epochs=8, batch_size=16))
+    assert again.metrics["test"]["auc"] == result.metrics["test"]["auc"]
+    assert again.bundle.threshold == pytest.approx(result.bundle.threshold)
+
+
+def test_headct_hu_pipeline(tiny_headct, tmp_path):
+    """DICOM in HU through three windows; a multi-window spec lands in the manifest."""
+    result = train(
+        load_dataset(tiny_headct),
+        tmp_path / "hct",
+        TrainConfig(arch="seed-cnn", width=0.25, input_size=32, epochs=1, batch_size=8),
+    )
+    spec = result.bundle.preprocess
+    assert [w.name for w in spec.windows] == ["brain", "subdural", "bone"] and spec.channels == 3
+    assert result.bundle.manifest["input"]["modality"] == ["CT"]
+
+
+def test_multiclass(tmp_path):
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 60), ("val", 30), ("test", 30)):
+        labels = np.arange(n) % 3
+        images = rng.integers(0, 30, (n, 12, 12)).astype(np.uint8)
+        for c in range(3):
+            images[labels == c, :, 4 * c : 4 * c + 4] += 200
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
+    np.savez(tmp_path / "three.npz", **arrays)
+    result = train(
+        load_dataset(tmp_path / "three.npz"),
+        tmp_path / "b",
+        TrainConfig(arch="seed-cnn", width=0.25, epochs=15, batch_size=16, learning_rate=3e-3),
+    )
+    assert result.bundle.manifest["task"]["activation"] == "softmax" and result.bundle.threshold is None
+    assert result.metrics["test"]["accuracy"] > 0.8
+
+
+def test_refuses_existing_output(trained):
+    dataset, result, _ = trained
+    with pytest.raises(ConfigError, match="already exists"):
+        train(dataset, result.bundle.path, TrainConfig(epochs=1))
+
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="needs a target sensitivity"):
+        TrainConfig(threshold_policy="sensitivity")
+    with pytest.raises(ConfigError, match="unknown window"):
+        TrainConfig(windows=("brian",))
