@@ -22,10 +22,17 @@ SHARED = HERE.parents[1] / "shared" / "data"
 
 #: MedMNIST v2 paper (Yang et al. 2023), test split: (AUC, accuracy) of the ResNet rows.
 PUBLISHED = {
-    "pneumoniamnist": {"ResNet-18 (28)": (0.944, 0.854), "ResNet-18 (224)": (0.956, 0.864),
-                       "ResNet-50 (28)": (0.948, 0.854), "ResNet-50 (224)": (0.962, 0.884)},
-    "organamnist": {"ResNet-18 (28)": (0.997, 0.935), "ResNet-50 (28)": (0.997, 0.935),
-                    "ResNet-18 (224)": (0.998, 0.951)},
+    "pneumoniamnist": {
+        "ResNet-18 (28)": (0.944, 0.854),
+        "ResNet-18 (224)": (0.956, 0.864),
+        "ResNet-50 (28)": (0.948, 0.854),
+        "ResNet-50 (224)": (0.962, 0.884),
+    },
+    "organamnist": {
+        "ResNet-18 (28)": (0.997, 0.935),
+        "ResNet-50 (28)": (0.997, 0.935),
+        "ResNet-18 (224)": (0.998, 0.951),
+    },
 }
 
 
@@ -71,8 +78,10 @@ def main() -> None:
         test = result["metrics"]["test"]
         name = f"train-{flavour}-{result['arch']['name']}-tf{result['tensorflow']}-cpu{result['cores']}.json"
         (HERE / "results" / name).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"{flavour}: test AUC {test['auc']:.4f} (95% CI {test['auc_ci95'][0]:.4f}-{test['auc_ci95'][1]:.4f}), "
-              f"accuracy {test['accuracy']:.4f}, {result['wall_seconds']:.0f}s -> results/{name}")
+        print(
+            f"{flavour}: test AUC {test['auc']:.4f} (95% CI {test['auc_ci95'][0]:.4f}-{test['auc_ci95'][1]:.4f}), "
+            f"accuracy {test['accuracy']:.4f}, {result['wall_seconds']:.0f}s -> results/{name}"
+        )
 
 
 if __name__ == "__main__":

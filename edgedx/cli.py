@@ -16,11 +16,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from .errors import EdgedxError
+from .errors import DependencyError, EdgedxError
 
 app = typer.Typer(
     help="Put medical-imaging CNNs onto scanner-side hardware: data, train, compress, bench, serve.",
@@ -69,27 +70,48 @@ def _progress():
         yield report
 
 
-def _fail(exc: EdgedxError) -> typer.Exit:
-    err_console.print(f"[red]{type(exc).__name__}[/red]: {exc}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
+@contextmanager
+def _user_errors():
+    """Turn edgedx's own errors (and a missing [train] extra) into one line and exit code 1."""
+    try:
+        yield
+    except ImportError as exc:  # a TF-side module's dependency is not installed
+        error: EdgedxError = DependencyError(
+            f"this command needs the [train] extra ({exc.name} is missing): pip install 'edgedx[train]'"
+        )
+    except EdgedxError as exc:
+        error = exc
+    else:
+        return
+    err_console.print(f"[red]{type(error).__name__}[/red]: {escape(str(error))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1)
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4f}"
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
-        return f"{_fmt(value[0])}-{_fmt(value[1])}"
+        return f"{value[0]:.3f}-{value[1]:.3f}"
     return str(value)
 
 
 def _metrics_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
-    keys = ["auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "npv", "n"]
+    columns = {
+        "auc": "AUC",
+        "auc_ci95": "AUC 95% CI",
+        "accuracy": "acc",
+        "sensitivity": "sens",
+        "specificity": "spec",
+        "ppv": "PPV",
+        "npv": "NPV",
+        "n": "n",
+    }
     table = Table(title=title)
     table.add_column("split")
-    for key in keys:
-        table.add_column(key, justify="right")
+    for header in columns.values():
+        table.add_column(header, justify="right")
     for split, row in metrics.items():
-        table.add_row(split, *(_fmt(row.get(k, "")) for k in keys))
+        table.add_row(split, *(_fmt(row.get(key, "")) for key in columns))
     return table
 
 
@@ -124,12 +146,10 @@ def data_synth(
     """
     from .data import SynthConfig, synthesize
 
-    try:
+    with _user_errors():
         config = SynthConfig(studies=studies, slices=slices, seed=seed, difficulty=difficulty.value)
         with _progress() as report:
             synthesize(out, config, progress=lambda done, total: report("synthesize", done, total))
-    except EdgedxError as exc:
-        raise _fail(exc) from None
     summary = json.loads((out / "dataset.json").read_text())
     console.print(
         f"wrote {summary['slices_written']} slices ({summary['positive_slices']} with hemorrhage) "
@@ -145,10 +165,8 @@ def data_info(
     """Read a dataset and show its classes and split sizes."""
     from .data import load_dataset
 
-    try:
+    with _user_errors():
         summary = load_dataset(path).summary()
-    except EdgedxError as exc:
-        raise _fail(exc) from None
     if as_json:
         console.print_json(data=summary)
         return
@@ -170,12 +188,13 @@ def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List the registered architectures with parameter counts and MACs at an input size."""
-    from .models import count_macs, count_parameters, create_model, list_architectures
-
     rows = []
-    for name in list_architectures():
-        model = create_model(name, (input_size, input_size, channels), classes)
-        rows.append({"arch": name, "parameters": count_parameters(model)[0], "macs": count_macs(model)})
+    with _user_errors():
+        from .models import count_macs, count_parameters, create_model, list_architectures
+
+        for name in list_architectures():
+            model = create_model(name, (input_size, input_size, channels), classes)
+            rows.append({"arch": name, "parameters": count_parameters(model)[0], "macs": count_macs(model)})
     if as_json:
         console.print_json(data=rows)
         return
@@ -222,7 +241,7 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
     """Train a float CNN and write a model bundle (model.keras, manifest.json, history.json)."""
-    try:
+    with _user_errors():
         from .data import default_dataset, load_dataset
         from .train import TrainConfig, train
 
@@ -256,8 +275,6 @@ def train_command(
                     )
 
             result = train(dataset, out, config, progress=report, on_epoch=on_epoch, overwrite=overwrite)
-    except EdgedxError as exc:
-        raise _fail(exc) from None
     if as_json:
         console.print_json(
             data={
@@ -282,10 +299,8 @@ def info_command(
     """Show a bundle's manifest: model, preprocessing, threshold, data and metrics; checks checksums."""
     from .bundle import read_bundle
 
-    try:
+    with _user_errors():
         b = read_bundle(bundle)
-    except EdgedxError as exc:
-        raise _fail(exc) from None
     m = b.manifest
     if as_json:
         console.print_json(data=m)

@@ -316,7 +316,9 @@ def train(
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "model.keras"
-        model.save(model_file)
+        deployable = keras.models.clone_model(model)  # uncompiled: no optimizer state in the bundle
+        deployable.set_weights(model.get_weights())
+        deployable.save(model_file)
         bundle = write_bundle(
             out, manifest, models={"keras": model_file}, files={"history.json": history}, overwrite=overwrite
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -9,6 +10,10 @@ import numpy as np
 import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: Tests of the TensorFlow side skip without the [train] extra. find_spec looks without importing,
+#: so TensorFlow is first imported through edgedx._tf, which sets TF_USE_LEGACY_KERAS first.
+needs_tf = pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="needs the [train] extra")
 
 
 @pytest.fixture(autouse=True)

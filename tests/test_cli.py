@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import needs_tf
 from typer.testing import CliRunner
 
 from edgedx.cli import app
@@ -61,8 +62,8 @@ def test_placeholders_say_so(command):
 
 
 @pytest.mark.tf
+@needs_tf
 def test_models_table():
-    pytest.importorskip("tf_keras")
     result = runner.invoke(app, ["models", "--input-size", "32", "--json"])
     assert result.exit_code == 0
     rows = {r["arch"]: r for r in json.loads(result.output)}
@@ -70,8 +71,8 @@ def test_models_table():
 
 
 @pytest.mark.tf
+@needs_tf
 def test_train_then_info(tiny_npz, tmp_path):
-    pytest.importorskip("tf_keras")
     out = tmp_path / "b"
     result = runner.invoke(
         app,
@@ -97,3 +98,18 @@ def test_train_then_info(tiny_npz, tmp_path):
     assert info.exit_code == 0 and "all files match" in info.output and "seed-cnn" in info.output
     again = runner.invoke(app, ["train", "--data", str(tiny_npz), "--out", str(out), "--epochs", "1"])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_missing_train_extra_is_explained(tmp_path):
+    """On a base install (no TensorFlow, no scikit-learn) `edgedx train` says what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules.update(tensorflow=None, tf_keras=None, sklearn=None); "
+        "from edgedx.cli import app; app(['train', '--out', 'x'])"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 1
+    assert "DependencyError: this command needs the [train] extra" in run.stderr
+    assert "pip install 'edgedx[train]'" in run.stderr and "Traceback" not in run.stderr

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import needs_tf
 
-pytestmark = pytest.mark.tf
-models = pytest.importorskip("edgedx.models", reason="needs the [train] extra")
+from edgedx import models  # the registry module itself imports no TensorFlow
+from edgedx.errors import ConfigError, ModelNotFound
 
-from edgedx.errors import ConfigError, ModelNotFound  # noqa: E402
+pytestmark = [pytest.mark.tf, needs_tf]
 
 
 @pytest.mark.parametrize("name", models.list_architectures())
