@@ -331,10 +331,119 @@ def _not_yet(command: str) -> None:
     raise typer.Exit(code=2)
 
 
-@app.command("compress", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def compress_command() -> None:
-    """(Not yet available) Prune, distill and quantize a bundle."""
-    _not_yet("compress")
+class Quantization(str, Enum):
+    int8 = "int8"
+    float16 = "float16"
+    dynamic = "dynamic"
+    none = "none"
+
+
+class PruneStructure(str, Enum):
+    unstructured = "unstructured"
+    two_four = "2:4"
+
+
+def _steps_table(title: str, steps: list[dict[str, Any]]) -> Table:
+    table = Table(title=title)
+    for header in (
+        "step",
+        "params",
+        "non-zero",
+        "MMACs",
+        "KB",
+        "KB gz",
+        "val AUC",
+        "test AUC",
+        "sens",
+        "spec",
+        "flips",
+        "s",
+    ):
+        table.add_column(header, justify="left" if header == "step" else "right")
+    for row in steps:
+        table.add_row(
+            row["step"],
+            f"{row['parameters']:,}",
+            f"{row['nonzero_parameters']:,}",
+            f"{row['macs'] / 1e6:.1f}",
+            f"{row['bytes'] / 1024:.1f}",
+            f"{row['gzip_bytes'] / 1024:.1f}",
+            _fmt(row["val"]["auc"]),
+            _fmt(row["test"]["auc"]),
+            _fmt(row["test"]["sensitivity"]),
+            _fmt(row["test"]["specificity"]),
+            f"{row['flips']:.1%}",
+            f"{row['seconds']:.0f}",
+        )
+    return table
+
+
+@app.command("compress")
+def compress_command(
+    bundle: Annotated[Path, typer.Argument(help="A bundle written by `edgedx train`.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (must not exist).")],
+    distill: Annotated[bool, typer.Option("--distill", help="Distill into a smaller student first.")] = False,
+    student: Annotated[str | None, typer.Option(help="Student architecture (default: the teacher's).")] = None,
+    width: Annotated[
+        float | None,
+        typer.Option(help="Student width multiplier (default: widest with at most 1/8 of the teacher's parameters)."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the label loss; 1 - alpha weighs the teacher.")] = 0.3,
+    prune: Annotated[bool, typer.Option("--prune", help="Magnitude-prune (tensorflow-model-optimization).")] = False,
+    sparsity: Annotated[float, typer.Option(help="Target fraction of zero weights.")] = 0.75,
+    structure: Annotated[
+        PruneStructure, typer.Option(help="unstructured, or 2:4 blocks.")
+    ] = PruneStructure.unstructured,
+    quantize: Annotated[Quantization, typer.Option(help="TFLite precision of the deployed model.")] = Quantization.int8,
+    qat: Annotated[
+        bool, typer.Option("--qat", help="Quantization-aware training instead of post-training int8.")
+    ] = False,
+    max_auc_drop: Annotated[
+        float, typer.Option(help="Refuse int8 (after a QAT retry) if it loses more validation AUC than this.")
+    ] = 0.01,
+    data: Annotated[
+        Path | None, typer.Option(help="Fine-tuning data (default: what the bundle was trained on).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the step report as JSON.")] = False,
+) -> None:
+    """Shrink a trained model: distill -> prune -> quantize, reporting what each step cost.
+
+    Writes a bundle with the float32 TFLite model and the compressed one; its manifest keeps the
+    step report under compression.steps. int8 that loses more than --max-auc-drop validation AUC
+    is retried with quantization-aware training, then refused (no output written).
+    """
+    with _user_errors():
+        from .compress import CompressConfig, compress
+
+        config = CompressConfig(
+            distill=distill,
+            student=student,
+            width=width,
+            temperature=temperature,
+            alpha=alpha,
+            prune=prune,
+            sparsity=sparsity,
+            structure=structure.value,
+            quantize=quantize.value,
+            qat=qat,
+            max_auc_drop=max_auc_drop,
+            seed=seed,
+        )
+        with _progress() as report:
+            result = compress(bundle, out, config, data=data, progress=report, overwrite=overwrite)
+    if as_json:
+        console.print_json(data={"bundle": str(result.bundle.path), "steps": result.steps})
+        return
+    console.print(_steps_table(f"{bundle.name} -> {result.bundle.name}", result.steps))
+    for row in result.steps:
+        for note in row["notes"]:
+            console.print(f"  {row['step']}: {note}", highlight=False)
+    console.print(
+        f"bundle written to {result.bundle.path} in {result.seconds:.0f}s (deploys {result.bundle.manifest['deploy']})"
+    )
 
 
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -13,6 +13,7 @@ dependency) derives from :class:`EdgedxError`. The CLI prints such errors as one
     │   ├── DicomError       a file is not usable DICOM for this purpose
     │   └── LabelError       labels are missing, malformed or inconsistent
     ├── BundleError          a model bundle is missing, malformed or fails its checksums
+    ├── CompressionRefused   a compressed model lost more accuracy than allowed; nothing was written
     └── DependencyError      an optional dependency is not installed
 """
 
@@ -45,6 +46,10 @@ class LabelError(DataError):
 
 class BundleError(EdgedxError):
     """A model bundle is missing, malformed, of an unknown version, or fails its checksums."""
+
+
+class CompressionRefused(EdgedxError):
+    """A compressed model lost more validation accuracy than allowed; no output was written."""
 
 
 class DependencyError(EdgedxError):

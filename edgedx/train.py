@@ -88,23 +88,32 @@ class PreparedData:
     fingerprints: dict[str, str]
 
 
-def prepare_data(
-    dataset: Dataset, size: int, windows: tuple[str, ...], progress: ProgressFn | None = None
-) -> PreparedData:
-    """Preprocess every split; normalisation statistics come from the training split only."""
-    spec = PreprocessSpec(
-        size=size, input=dataset.input, windows=parse_windows(windows) if dataset.input == "hu" else ()
-    )
+def prepare_data(dataset: Dataset, spec: PreprocessSpec, progress: ProgressFn | None = None) -> PreparedData:
+    """Preprocess every split with ``spec``.
+
+    A spec without normalisation statistics gets them from the training split (training); a spec
+    that has them (a bundle's, when compressing) is used as it is, so inputs match the parent model.
+    """
+    if spec.input != dataset.input:
+        raise ConfigError(f"{dataset.source} holds {dataset.input!r} images; the preprocessing expects {spec.input!r}")
     prepared = {}
     for name, split in dataset.splits.items():
         report = (lambda done, total, n=name: progress(f"preprocess {n}", done, total)) if progress else None
         prepared[name] = prepare_split(split, spec, progress=report)
-    spec = spec.with_normalization(*channel_statistics(prepared["train"].x))
+    if not spec.mean:
+        spec = spec.with_normalization(*channel_statistics(prepared["train"].x))
     return PreparedData(
         spec=spec,
         x={n: normalize(p.x, spec.mean, spec.std) for n, p in prepared.items()},
         y={n: p.y for n, p in prepared.items()},
         fingerprints={n: p.fingerprint for n, p in prepared.items()},
+    )
+
+
+def training_spec(dataset: Dataset, size: int, windows: tuple[str, ...]) -> PreprocessSpec:
+    """The preprocessing a new model on ``dataset`` uses (normalisation is fitted later)."""
+    return PreprocessSpec(
+        size=size, input=dataset.input, windows=parse_windows(windows) if dataset.input == "hu" else ()
     )
 
 
@@ -132,11 +141,19 @@ def fit(
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
     loss=None,
+    callbacks: list | None = None,
+    select_from_epoch: int = 1,
 ) -> list[dict[str, float]]:
     """Train ``model`` in place with early stopping on validation AUC; restores the best epoch.
 
-    ``loss`` replaces the default cross-entropy (distillation passes its own). Returns one dict per
-    epoch run: ``epoch``, ``loss``, ``val_auc``, ``seconds``.
+    Args:
+        loss: Replaces the default cross-entropy (distillation passes its own).
+        callbacks: More Keras callbacks (pruning passes its step updater).
+        select_from_epoch: Epochs before this one are neither kept as best nor count towards
+            early stopping (pruning: the weights are not at their final sparsity yet).
+
+    Returns:
+        One dict per epoch run: ``epoch``, ``loss``, ``val_auc``, ``seconds``.
     """
     from ._tf import keras, tf
 
@@ -161,9 +178,10 @@ def fit(
             else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         )
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss)
-    monitor = _ValidationAUC(keras, data, config, activation, steps, progress, on_epoch)
-    model.fit(ds, epochs=config.epochs, verbose=0, class_weight=class_weight, callbacks=[monitor])
-    model.set_weights(monitor.best_weights)
+    monitor = _ValidationAUC(keras, data, config, activation, steps, progress, on_epoch, select_from_epoch)
+    model.fit(ds, epochs=config.epochs, verbose=0, class_weight=class_weight, callbacks=[*(callbacks or []), monitor])
+    if monitor.best_weights is not None:
+        model.set_weights(monitor.best_weights)
     return monitor.history
 
 
@@ -175,6 +193,7 @@ def _ValidationAUC(
     steps: int,
     progress: ProgressFn | None,
     on_epoch: EpochFn | None,
+    select_from_epoch: int,
 ):
     """A Keras callback (built lazily: keras is imported only on the TF side)."""
 
@@ -204,6 +223,8 @@ def _ValidationAUC(
             self.history.append(row)
             if on_epoch:
                 on_epoch(epoch + 1, row)
+            if epoch + 1 < select_from_epoch:
+                return
             if auc > self.best_auc + 1e-4 or self.best_weights is None:
                 self.best_auc, self.best_weights, self.stale = auc, self.model.get_weights(), 0
             else:
@@ -266,7 +287,7 @@ def train(
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     size = config.input_size or dataset.default_size
-    data = prepare_data(dataset, size, config.windows, progress)
+    data = prepare_data(dataset, training_spec(dataset, size, config.windows), progress)
     model = create_model(config.arch, (size, size, data.spec.channels), dataset.num_classes, width=config.width)
     activation = "sigmoid" if dataset.num_classes == 2 else "softmax"
     history = fit(

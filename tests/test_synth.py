@@ -90,9 +90,7 @@ class TestAnatomy:
         import datetime as dt
 
         path = tmp_path / "s.dcm"
-        write_slice_dicom(
-            path, image, seed=0, study=0, index=0, slices=3, patient_id="T", rng_dates=dt.date(2021, 1, 1)
-        )
+        write_slice_dicom(path, image, seed=0, study=0, index=0, patient_id="T", study_date=dt.date(2021, 1, 1))
         ds = pydicom.dcmread(path)
         hu = modality_lut(ds.pixel_array, ds.RescaleSlope, ds.RescaleIntercept)
         assert image.masks[subtype].sum() > 20, f"{subtype} lesion was not drawn"

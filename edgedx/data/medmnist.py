@@ -10,58 +10,28 @@ import numpy as np
 from ..errors import DataError, LabelError
 from .dataset import SPLITS, Dataset, Split
 
-#: Class names of MedMNIST v2 flavours, and whether a left-right flip would change the label.
+#: The 11 organs of OrganAMNIST, OrganCMNIST and OrganSMNIST (MedMNIST v2), in label order.
+ORGAN_CLASSES = (
+    "bladder",
+    "femur-left",
+    "femur-right",
+    "heart",
+    "kidney-left",
+    "kidney-right",
+    "liver",
+    "lung-left",
+    "lung-right",
+    "pancreas",
+    "spleen",
+)
+
+#: Class names of MedMNIST v2 flavours, and whether a left-right flip keeps the label.
 KNOWN_FLAVOURS: dict[str, tuple[tuple[str, ...], bool]] = {
     "pneumoniamnist": (("normal", "pneumonia"), True),
     "breastmnist": (("malignant", "normal-benign"), True),
-    "organamnist": (
-        (
-            "bladder",
-            "femur-left",
-            "femur-right",
-            "heart",
-            "kidney-left",
-            "kidney-right",
-            "liver",
-            "lung-left",
-            "lung-right",
-            "pancreas",
-            "spleen",
-        ),
-        False,
-    ),
-    "organcmnist": (
-        (
-            "bladder",
-            "femur-left",
-            "femur-right",
-            "heart",
-            "kidney-left",
-            "kidney-right",
-            "liver",
-            "lung-left",
-            "lung-right",
-            "pancreas",
-            "spleen",
-        ),
-        False,
-    ),
-    "organsmnist": (
-        (
-            "bladder",
-            "femur-left",
-            "femur-right",
-            "heart",
-            "kidney-left",
-            "kidney-right",
-            "liver",
-            "lung-left",
-            "lung-right",
-            "pancreas",
-            "spleen",
-        ),
-        False,
-    ),
+    "organamnist": (ORGAN_CLASSES, False),
+    "organcmnist": (ORGAN_CLASSES, False),
+    "organsmnist": (ORGAN_CLASSES, False),
 }
 
 

@@ -293,9 +293,8 @@ def write_slice_dicom(
     seed: int,
     study: int,
     index: int,
-    slices: int,
     patient_id: str,
-    rng_dates: dt.date,
+    study_date: dt.date,
 ) -> str:
     """Write one slice as CT Image Storage (Explicit VR Little Endian); returns its SOPInstanceUID."""
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -308,7 +307,7 @@ def write_slice_dicom(
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    date = rng_dates.strftime("%Y%m%d")
+    date = study_date.strftime("%Y%m%d")
     ds.SOPClassUID = CTImageStorage
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = _uid(seed, study, "study")
@@ -316,7 +315,7 @@ def write_slice_dicom(
     ds.FrameOfReferenceUID = _uid(seed, study, "frame")
     ds.PatientName = f"SYNTH^{patient_id}"
     ds.PatientID = patient_id
-    ds.PatientBirthDate = (rng_dates - dt.timedelta(days=365 * (20 + study % 60))).strftime("%Y%m%d")
+    ds.PatientBirthDate = (study_date - dt.timedelta(days=365 * (20 + study % 60))).strftime("%Y%m%d")
     ds.PatientSex = "MF"[study % 2]
     ds.AccessionNumber = f"SYN{seed:04d}{study:05d}"
     ds.StudyID = str(study)
@@ -408,9 +407,8 @@ def synthesize(
                 seed=config.seed,
                 study=study,
                 index=index,
-                slices=config.slices,
                 patient_id=patient_id,
-                rng_dates=date,
+                study_date=date,
             )
             rows.append(
                 {"file": rel, "SOPInstanceUID": uid, "PatientID": patient_id, "split": splits[study], **image.labels}

@@ -1,0 +1,385 @@
+"""``edgedx compress``: distill -> prune -> quantize a bundle, measuring what every step costs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import metrics as clinical
+from ..bundle import Bundle, read_bundle, write_bundle
+from ..data import load_dataset
+from ..errors import CompressionRefused, ConfigError
+from ..outputs import decisions, probabilities
+from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
+from .prune import STRUCTURES
+from .quantize import QUANTIZATIONS, TFLiteModel
+
+QUANTIZE_CHOICES = (*[q for q in QUANTIZATIONS if q != "float32"], "none")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressConfig:
+    """What ``edgedx compress`` does; steps run in the order distill -> prune -> quantize."""
+
+    distill: bool = False
+    student: str | None = None  # None: the teacher's architecture, narrowed
+    width: float | None = None  # None: the widest student with <= 1/8 of the teacher's parameters
+    temperature: float = 4.0
+    alpha: float = 0.3
+    distill_epochs: int | None = None  # None: as many as the teacher trained for
+    prune: bool = False
+    sparsity: float = 0.75
+    structure: str = "unstructured"
+    prune_epochs: int = 8
+    quantize: str = "int8"
+    qat: bool = False
+    qat_epochs: int = 3
+    max_auc_drop: float = 0.01
+    calibration_samples: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ConfigError(f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+        if self.qat and self.quantize != "int8":
+            raise ConfigError("--qat trains for full-integer int8; use it with --quantize int8")
+        if self.structure not in STRUCTURES:
+            raise ConfigError(f"unknown pruning structure {self.structure!r}; choose from {', '.join(STRUCTURES)}")
+        if not 0 < self.sparsity < 1:
+            raise ConfigError(f"sparsity must be between 0 and 1, got {self.sparsity}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"need temperature > 0 and alpha in [0, 1], got {self.temperature} and {self.alpha}")
+        if not 0 <= self.max_auc_drop < 1:
+            raise ConfigError(f"max AUC drop must be in [0, 1), got {self.max_auc_drop}")
+        for name in ("prune_epochs", "qat_epochs", "calibration_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if not (self.distill or self.prune or self.quantize != "none"):
+            raise ConfigError("nothing to do: choose at least one of --distill, --prune, --quantize")
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    bundle: Bundle
+    steps: list[dict[str, Any]]
+    seconds: float
+
+
+@dataclass
+class _Stage:
+    """The model as it leaves a step: a Keras model or a TFLite one, its threshold and scores."""
+
+    name: str
+    keras_model: Any
+    threshold: float | None
+    scores: dict[str, np.ndarray]
+    arch: dict[str, Any]
+    tflite: TFLiteModel | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _gzip_size(content: bytes) -> int:
+    return len(gzip.compress(content, compresslevel=9))
+
+
+def _tflite_scores(model: TFLiteModel, data: PreparedData, activation: str) -> dict[str, np.ndarray]:
+    from ..runtime import TFLiteRunner
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.tflite"
+        path.write_bytes(model.content)
+        runner = TFLiteRunner(path, input_record=model.input, output_record=model.output, threads=None)
+        return {s: probabilities(runner.logits(data.x[s]), activation) for s in ("val", "test")}
+
+
+def _choose_threshold(stage_scores: np.ndarray, data: PreparedData, parent: Bundle) -> float | None:
+    if stage_scores.ndim != 1:
+        return None
+    policy = parent.manifest["threshold"]["policy"]
+    return clinical.choose_threshold(
+        data.y["val"],
+        stage_scores,
+        policy=policy,
+        target_sensitivity=parent.manifest["threshold"].get("target_sensitivity"),
+    )
+
+
+def _row(stage: _Stage, data: PreparedData, parent_decisions: np.ndarray, seconds: float, seed: int) -> dict:
+    from ..models import count_macs, count_parameters
+    from .quantize import convert
+
+    params, nonzero = count_parameters(stage.keras_model)
+    content = stage.tflite.content if stage.tflite else convert(stage.keras_model, "float32").content
+    measured = {
+        s: clinical.evaluate(data.y[s], stage.scores[s], stage.threshold, resamples=200, seed=seed)
+        for s in ("val", "test")
+    }
+    flips = float(np.mean(decisions(stage.scores["test"], stage.threshold) != parent_decisions))
+    return {
+        "step": stage.name,
+        "format": f"tflite-{stage.tflite.mode}" if stage.tflite else "keras (size as float32 TFLite)",
+        "parameters": params,
+        "nonzero_parameters": nonzero,
+        "macs": count_macs(stage.keras_model),
+        "bytes": len(content),
+        "gzip_bytes": _gzip_size(content),
+        "threshold": stage.threshold,
+        "val": {k: measured["val"][k] for k in ("auc", "sensitivity", "specificity", "accuracy")},
+        "test": {k: measured["test"][k] for k in ("auc", "auc_ci95", "sensitivity", "specificity", "accuracy")},
+        "flips": flips,
+        "seconds": round(seconds, 1),
+        "notes": stage.notes,
+    }
+
+
+def compress(
+    parent: Path | str,
+    out: Path | str,
+    config: CompressConfig = CompressConfig(),
+    *,
+    data: Path | str | None = None,
+    progress: ProgressFn | None = None,
+    on_epoch: EpochFn | None = None,
+    overwrite: bool = False,
+) -> CompressResult:
+    """Compress a trained bundle and write the result as a new bundle.
+
+    The parent's float Keras model is the reference: every step reports its size, speed-relevant
+    counts, validation and test metrics and decision flips against it. Choices (thresholds, the
+    accuracy guard) use validation data only; test data is reported, never tuned on.
+
+    Args:
+        parent: A bundle written by ``edgedx train``.
+        out: Bundle folder to create.
+        config: Which steps, and their settings.
+        data: Training data to fine-tune on; default: the source the parent records.
+
+    Raises:
+        CompressionRefused: int8 lost more than ``config.max_auc_drop`` validation AUC even
+            after quantization-aware training; nothing is written.
+    """
+    from .._tf import keras, tf
+    from . import distill as distillation
+    from . import prune as pruning
+    from .quantize import convert, quantization_aware, representative_samples
+
+    start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or remove it first")
+    parent_bundle = read_bundle(parent)
+    manifest = parent_bundle.manifest
+    if "keras" not in manifest["models"]:
+        raise ConfigError(f"{parent_bundle.path}: compress needs the float Keras model of a trained bundle")
+    dataset = load_dataset(data or manifest["data"]["source"])
+    prepared = prepare_data(dataset, parent_bundle.preprocess, progress)
+    activation = manifest["task"]["activation"]
+    train_config = TrainConfig(
+        **{**manifest["training"]["config"], "windows": tuple(manifest["training"]["config"]["windows"])}
+    )
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
+    steps_per_epoch = math.ceil(len(prepared.y["train"]) / train_config.batch_size)
+
+    teacher = keras.models.load_model(parent_bundle.model_path("keras"), compile=False)
+    parent_scores = {s: predict_scores(teacher, prepared.x[s], activation) for s in ("val", "test")}
+    parent_decisions = decisions(parent_scores["test"], parent_bundle.threshold)
+    parent_arch = {"name": manifest["arch"]["name"], "width": manifest["arch"].get("width")}
+    current = _Stage("parent", teacher, parent_bundle.threshold, parent_scores, parent_arch)
+    rows = [_row(current, prepared, parent_decisions, 0.0, config.seed)]
+
+    def keras_stage(name: str, model, arch: dict[str, Any], began: float, notes: list[str]) -> _Stage:
+        scores = {s: predict_scores(model, prepared.x[s], activation) for s in ("val", "test")}
+        threshold = _choose_threshold(scores["val"], prepared, parent_bundle)
+        stage = _Stage(name, model, threshold, scores, arch, notes=notes)
+        rows.append(_row(stage, prepared, parent_decisions, time.perf_counter() - began, config.seed))
+        return stage
+
+    if config.distill:
+        began = time.perf_counter()
+        arch = config.student or manifest["arch"]["name"]
+        student, width = distillation.choose_student(teacher, arch, len(parent_bundle.class_names), width=config.width)
+        trainer = distillation.distiller(teacher, student, temperature=config.temperature, alpha=config.alpha)
+        epochs = config.distill_epochs or train_config.epochs
+        fit(
+            trainer,
+            prepared,
+            replace(train_config, epochs=epochs),
+            activation=activation,
+            hflip=dataset.hflip_ok,
+            progress=progress,
+            on_epoch=on_epoch,
+        )
+        notes = [f"student {arch} width {width}, T={config.temperature}, alpha={config.alpha}, {epochs} epochs"]
+        current = keras_stage("distill", student, {"name": arch, "width": width}, began, notes)
+
+    if config.prune:
+        began = time.perf_counter()
+        wrapped, callbacks, end_step = pruning.prunable(
+            current.keras_model,
+            sparsity=config.sparsity,
+            structure=config.structure,
+            steps=config.prune_epochs * steps_per_epoch,
+        )
+        fit(
+            wrapped,
+            prepared,
+            replace(
+                train_config,
+                epochs=config.prune_epochs,
+                patience=config.prune_epochs,
+                learning_rate=train_config.learning_rate / 5,
+            ),
+            activation=activation,
+            hflip=dataset.hflip_ok,
+            progress=progress,
+            on_epoch=on_epoch,
+            callbacks=callbacks,
+            select_from_epoch=math.ceil(end_step / steps_per_epoch) + 1,
+        )
+        stripped = pruning.strip(wrapped)
+        achieved = pruning.kernel_sparsity(stripped)
+        notes = [f"{config.structure} to {config.sparsity:.0%}: {achieved:.1%} of kernel weights are zero"]
+        current = keras_stage("prune", stripped, {**current.arch, "kernel_sparsity": achieved}, began, notes)
+
+    float_model = current.keras_model
+    float_tflite = convert(float_model, "float32")
+    deploy = float_tflite
+    if config.quantize != "none":
+        began = time.perf_counter()
+        calibration = representative_samples(prepared.x["train"], config.calibration_samples, config.seed)
+        reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
+        notes: list[str] = []
+
+        def quantize_once(model) -> tuple[TFLiteModel, dict[str, np.ndarray], float]:
+            q = convert(model, config.quantize, calibration)
+            scores = _tflite_scores(q, prepared, activation)
+            return q, scores, reference_auc - clinical.auc(prepared.y["val"], scores["val"])
+
+        qat_model = None
+        if not config.qat:
+            deploy, q_scores, drop = quantize_once(float_model)
+            notes.append(f"post-training {config.quantize}: validation AUC drop {drop:+.4f}")
+        if config.quantize == "int8" and (config.qat or drop > config.max_auc_drop):
+            qat_model = quantization_aware(float_model, preserve_sparsity=config.prune)
+            fit(
+                qat_model,
+                prepared,
+                replace(
+                    train_config,
+                    epochs=config.qat_epochs,
+                    patience=config.qat_epochs,
+                    learning_rate=train_config.learning_rate / 10,
+                ),
+                activation=activation,
+                hflip=dataset.hflip_ok,
+                progress=progress,
+                on_epoch=on_epoch,
+            )
+            deploy, q_scores, drop = quantize_once(qat_model)
+            kind = "sparsity-preserving QAT" if config.prune else "QAT"
+            notes.append(
+                f"{kind} {config.qat_epochs} epochs: validation AUC drop {drop:+.4f}"
+                + (f", {pruning.kernel_sparsity(qat_model):.1%} of kernel weights zero" if config.prune else "")
+            )
+        if drop > config.max_auc_drop:
+            raise CompressionRefused(
+                f"{config.quantize} loses {drop:.4f} validation AUC against its float model "
+                f"({reference_auc:.4f} -> {reference_auc - drop:.4f}), more than --max-auc-drop "
+                f"{config.max_auc_drop}; no bundle written. Try --qat, more calibration samples, or a larger max drop"
+            )
+        stage = _Stage(
+            f"quantize-{config.quantize}",
+            float_model,
+            current.threshold,
+            q_scores,
+            current.arch,
+            tflite=deploy,
+            notes=notes,
+        )
+        rows.append(_row(stage, prepared, parent_decisions, time.perf_counter() - began, config.seed))
+        current = stage
+
+    return _write(
+        out,
+        parent_bundle,
+        manifest,
+        config,
+        rows,
+        current,
+        float_model,
+        float_tflite,
+        deploy,
+        prepared,
+        time.perf_counter() - start,
+        overwrite,
+    )
+
+
+def _write(
+    out: Path,
+    parent: Bundle,
+    manifest: dict,
+    config: CompressConfig,
+    rows: list[dict],
+    final: _Stage,
+    float_model,
+    float_tflite: TFLiteModel,
+    deploy: TFLiteModel,
+    prepared: PreparedData,
+    seconds: float,
+    overwrite: bool,
+) -> CompressResult:
+    from ..models import count_macs, count_parameters
+
+    metrics = {
+        s: clinical.evaluate(prepared.y[s], final.scores[s], final.threshold, seed=config.seed) for s in ("val", "test")
+    }
+    params, nonzero = count_parameters(float_model)
+    deploy_role = f"tflite-{deploy.mode}"
+    body = {
+        **{k: manifest[k] for k in ("task", "input", "preprocess", "data", "intended_use") if k in manifest},
+        "name": out.name,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "arch": {**final.arch, "parameters": params, "nonzero_parameters": nonzero, "macs": count_macs(float_model)},
+        "threshold": {**manifest["threshold"], "value": final.threshold},
+        "deploy": deploy_role,
+        "metrics": metrics,
+        "training": manifest.get("training"),
+        "compression": {
+            "parent": {
+                "name": parent.name,
+                "path": str(parent.path),
+                "keras_sha256": manifest["models"]["keras"]["sha256"],
+            },
+            "config": asdict(config),
+            "data_matches_parent": prepared.fingerprints["train"] == manifest["data"]["fingerprint"]["train"],
+            "steps": rows,
+            "seconds": round(seconds, 1),
+        },
+        "models": {
+            "tflite-float32": {
+                "input": float_tflite.input,
+                "output": float_tflite.output,
+                "threshold": final.threshold,
+            },
+            deploy_role: {"input": deploy.input, "output": deploy.output, "threshold": final.threshold},
+        },
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {"keras": Path(tmp) / "model.keras", "tflite-float32": Path(tmp) / "model-float32.tflite"}
+        float_model.save(files["keras"])
+        files["tflite-float32"].write_bytes(float_tflite.content)
+        if deploy_role != "tflite-float32":
+            files[deploy_role] = Path(tmp) / f"model-{deploy.mode}.tflite"
+            files[deploy_role].write_bytes(deploy.content)
+        bundle = write_bundle(out, body, models=files, overwrite=overwrite)
+    return CompressResult(bundle=bundle, steps=rows, seconds=seconds)

@@ -1,0 +1,111 @@
+"""Keras -> TFLite: float32, float16, dynamic-range int8, full-integer int8, and quantization-aware training."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+
+QUANTIZATIONS = ("int8", "float16", "dynamic", "float32")
+
+
+@dataclass(frozen=True)
+class TFLiteModel:
+    """A converted model: its bytes and the input/output tensor records the manifest stores."""
+
+    mode: str
+    content: bytes
+    input: dict[str, Any]
+    output: dict[str, Any]
+
+
+def _tensor_record(details: dict[str, Any]) -> dict[str, Any]:
+    scale, zero_point = details["quantization"]
+    return {
+        "dtype": np.dtype(details["dtype"]).name,
+        "scale": float(scale),
+        "zero_point": int(zero_point),
+        "shape": [int(d) for d in details["shape"]],
+    }
+
+
+def _describe(mode: str, content: bytes) -> TFLiteModel:
+    from ..runtime import load_backend
+
+    with tempfile.TemporaryDirectory() as tmp:  # the interpreter wants a path
+        path = Path(tmp) / "m.tflite"
+        path.write_bytes(content)
+        interpreter = load_backend().create(str(path), 1)
+        return TFLiteModel(
+            mode,
+            content,
+            _tensor_record(interpreter.get_input_details()[0]),
+            _tensor_record(interpreter.get_output_details()[0]),
+        )
+
+
+def representative_samples(x: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """A seeded random subset of preprocessed training inputs for int8 calibration."""
+    if count < 1:
+        raise ConfigError(f"calibration needs at least 1 sample, got {count}")
+    rng = np.random.default_rng(seed)
+    return x[rng.choice(len(x), size=min(count, len(x)), replace=False)]
+
+
+def convert(model, mode: str, calibration: np.ndarray | None = None) -> TFLiteModel:
+    """Convert a float Keras model (or a QAT model, for ``int8``) to TFLite.
+
+    Args:
+        model: A tf_keras model with a fixed input shape.
+        mode: ``float32``; ``float16`` (weights stored as float16); ``dynamic`` (int8 weights,
+            float activations); ``int8`` (int8 weights per channel, int8 activations, int8 input
+            and output; needs ``calibration`` unless the model was trained quantization-aware).
+        calibration: Preprocessed training inputs (N, S, S, C) for the int8 ranges.
+    """
+    from .._tf import tf
+
+    if mode not in QUANTIZATIONS:
+        raise ConfigError(f"unknown quantization {mode!r}; choose from {', '.join(QUANTIZATIONS)}")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if mode == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif mode == "dynamic":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif mode == "int8":
+        if calibration is None or not len(calibration):
+            raise ConfigError("full-integer int8 needs calibration inputs from the training data")
+
+        def samples() -> Iterator[list[np.ndarray]]:
+            for i in range(len(calibration)):
+                yield [calibration[i : i + 1].astype(np.float32)]
+
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = samples
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.int8
+        converter.inference_output_type = tf.int8
+    return _describe(mode, converter.convert())
+
+
+def quantization_aware(model, *, preserve_sparsity: bool):
+    """Wrap a float model for quantization-aware training (tfmot default 8-bit scheme).
+
+    With ``preserve_sparsity`` the pruned zeros stay zero through QAT (sparsity-preserving QAT,
+    tfmot's ``Default8BitPrunePreserveQuantizeScheme``).
+    """
+    import tensorflow_model_optimization as tfmot
+
+    from .._tf import keras  # noqa: F401  (TF_USE_LEGACY_KERAS before tfmot touches Keras)
+
+    annotated = tfmot.quantization.keras.quantize_annotate_model(model)
+    if preserve_sparsity:
+        scheme = tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+        return tfmot.quantization.keras.quantize_apply(annotated, scheme)
+    return tfmot.quantization.keras.quantize_apply(annotated)

@@ -1,0 +1,136 @@
+"""Compression on tiny data: each step does what it says, and the accuracy guard refuses bad int8."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import needs_tf
+
+from edgedx.bundle import read_bundle
+from edgedx.compress import CompressConfig, compress
+from edgedx.data import load_dataset
+from edgedx.errors import CompressionRefused, ConfigError
+from edgedx.preprocess import to_model_inputs
+from edgedx.runtime import Model
+from edgedx.train import TrainConfig, train
+
+pytestmark = [pytest.mark.tf, needs_tf]
+
+
+@pytest.fixture(scope="module")
+def parent(tiny_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compress") / "parent"
+    config = TrainConfig(arch="resnet-small", width=0.5, epochs=4, batch_size=16)
+    return train(load_dataset(tiny_npz), out, config).bundle
+
+
+def _tflite_kernel_sparsity(path) -> float:
+    """Zero fraction of the 4-D (convolution) weight tensors stored in a TFLite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(path))
+    interpreter.allocate_tensors()
+    zeros = total = 0
+    for detail in interpreter.get_tensor_details():
+        if len(detail["shape"]) == 4 and detail["dtype"] == np.int8 and "conv" in detail["name"].lower():
+            try:
+                values = interpreter.get_tensor(detail["index"])
+            except ValueError:
+                continue
+            zeros += int(np.count_nonzero(values == 0))
+            total += values.size
+    return zeros / total
+
+
+def test_int8_post_training(parent, tmp_path):
+    """int8 in, int8 out, scale and zero point recorded; the runtime agrees with the float model."""
+    result = compress(parent.path, tmp_path / "q", CompressConfig(quantize="int8"))
+    m = read_bundle(result.bundle.path).manifest
+    assert m["deploy"] == "tflite-int8" and {"tflite-float32", "tflite-int8", "keras"} <= set(m["models"])
+    record = m["models"]["tflite-int8"]
+    assert record["input"]["dtype"] == "int8" and record["input"]["scale"] > 0
+    assert [row["step"] for row in result.steps] == ["parent", "quantize-int8"]
+    quantized, parent_row = result.steps[1], result.steps[0]
+    assert quantized["bytes"] < 0.4 * parent_row["bytes"]
+    assert quantized["flips"] <= 0.1
+
+    dataset = load_dataset(m["data"]["source"])
+    x = to_model_inputs(dataset.splits["test"].images(), result.bundle.preprocess)
+    int8 = Model.load(result.bundle.path).predict_inputs(x)
+    float32 = Model.load(result.bundle.path, role="tflite-float32").predict_inputs(x)
+    assert np.mean((int8 >= m["threshold"]["value"]) == (float32 >= m["threshold"]["value"])) >= 0.9
+
+
+def test_distill_makes_a_small_student(parent, tmp_path):
+    result = compress(parent.path, tmp_path / "d", CompressConfig(distill=True, distill_epochs=3, quantize="none"))
+    teacher, student = result.steps[0], result.steps[1]
+    assert student["step"] == "distill" and student["parameters"] * 8 <= teacher["parameters"]
+    assert student["test"]["auc"] > 0.9
+    assert result.bundle.manifest["deploy"] == "tflite-float32"
+
+
+def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
+    result = compress(parent.path, tmp_path / "p", CompressConfig(prune=True, prune_epochs=3, quantize="none"))
+    dense, pruned = result.steps[0], result.steps[1]
+    assert pruned["nonzero_parameters"] < 0.35 * dense["nonzero_parameters"]
+    assert pruned["gzip_bytes"] < 0.5 * dense["gzip_bytes"]
+    assert result.bundle.manifest["arch"]["kernel_sparsity"] == pytest.approx(0.75, abs=0.01)
+
+
+def test_two_four_structure(parent, tmp_path):
+    from edgedx._tf import keras
+
+    result = compress(
+        parent.path, tmp_path / "s24", CompressConfig(prune=True, structure="2:4", prune_epochs=2, quantize="none")
+    )
+    model = keras.models.load_model(result.bundle.model_path("keras"), compile=False)
+    kernel = next(w.numpy() for w in model.weights if "conv2d_1/kernel" in w.name)
+    blocks = kernel.reshape(-1, kernel.shape[-2], kernel.shape[-1]).transpose(0, 2, 1).reshape(-1, 4)
+    assert np.all(np.count_nonzero(blocks, axis=1) <= 2)
+
+
+def test_sparsity_survives_qat(parent, tmp_path):
+    """Prune + QAT: the int8 file keeps (nearly) the pruned zeros (sparsity-preserving QAT)."""
+    config = CompressConfig(prune=True, prune_epochs=3, quantize="int8", qat=True, qat_epochs=1, max_auc_drop=0.5)
+    result = compress(parent.path, tmp_path / "pq", config)
+    assert any("sparsity-preserving QAT" in note for note in result.steps[-1]["notes"])
+    assert _tflite_kernel_sparsity(result.bundle.model_path("tflite-int8")) >= 0.7
+
+
+def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
+    """An int8 model that lost its accuracy is retried with QAT, then refused with both figures."""
+    from edgedx.compress import quantize
+
+    real_convert = quantize.convert
+    rng = np.random.default_rng(0)
+
+    def broken_int8(model, mode, calibration=None):
+        if mode == "int8":  # shuffle every kernel's values: same graph and ranges, no learned features
+            model.set_weights(
+                [rng.permutation(w.ravel()).reshape(w.shape) if w.ndim > 1 else w for w in model.get_weights()]
+            )
+        return real_convert(model, mode, calibration)
+
+    monkeypatch.setattr(quantize, "convert", broken_int8)
+    with pytest.raises(CompressionRefused, match=r"int8 loses 0\.\d+ validation AUC .* \(1\.0000 -> 0\.\d+\)"):
+        compress(parent.path, tmp_path / "refused", CompressConfig(quantize="int8", qat_epochs=1))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_report_is_in_manifest(parent, tmp_path):
+    result = compress(parent.path, tmp_path / "r", CompressConfig(quantize="dynamic"))
+    steps = json.loads((result.bundle.path / "manifest.json").read_text())["compression"]["steps"]
+    for key in ("parameters", "nonzero_parameters", "macs", "bytes", "gzip_bytes", "val", "test", "flips", "seconds"):
+        assert key in steps[-1]
+    assert steps[-1]["format"] == "tflite-dynamic"
+
+
+def test_bad_config():
+    with pytest.raises(ConfigError, match="--qat trains for full-integer int8"):
+        CompressConfig(quantize="float16", qat=True)
+    with pytest.raises(ConfigError, match="nothing to do"):
+        CompressConfig(quantize="none")
+    with pytest.raises(ConfigError, match="unknown pruning structure '3:4'"):
+        CompressConfig(structure="3:4")
