@@ -134,3 +134,20 @@ def test_bad_config():
         CompressConfig(quantize="none")
     with pytest.raises(ConfigError, match="unknown pruning structure '3:4'"):
         CompressConfig(structure="3:4")
+
+
+def test_runtime_runs_compressed_bundle_without_tensorflow(parent, tmp_path):
+    """Load and run the int8 bundle in a fresh interpreter: no TensorFlow module gets imported."""
+    import subprocess
+    import sys
+
+    bundle = compress(parent.path, tmp_path / "rt", CompressConfig(quantize="int8")).bundle
+    code = (
+        "import sys, numpy as np; from edgedx.runtime import Model; "
+        f"m = Model.load({str(bundle.path)!r}); "
+        "p = m.predict(np.full((16, 16), 200.0)); assert 0 <= float(p.probabilities) <= 1; "
+        "bad = [n for n in ('tensorflow', 'tf_keras', 'keras') if n in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr[-2000:]
