@@ -133,7 +133,7 @@ def main_options(
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the DICOM studies and labels.csv into.")],
-    studies: Annotated[int, typer.Option(help="Number of studies (one fake patient each).")] = 200,
+    studies: Annotated[int, typer.Option(help="Number of studies (one fake patient each).")] = 300,
     slices: Annotated[int, typer.Option(help="Axial slices per study.")] = 6,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
     difficulty: Annotated[Difficulty, typer.Option(help="Lesion size and density range.")] = Difficulty.standard,

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABEL_COLUMNS = ("any", *SUBTYPES)
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # names the default cache folder: bump when the files or the split change
 SIZE = 512
 PIXEL_SPACING_MM = 0.45
 SLICE_THICKNESS_MM = 5.0
@@ -65,11 +65,11 @@ DIFFICULTIES: dict[str, Difficulty] = {
 class SynthConfig:
     """What ``edgedx data synth`` makes."""
 
-    studies: int = 200
+    studies: int = 300
     slices: int = 6
     seed: int = 0
     difficulty: str = "standard"
-    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)
 
     def __post_init__(self) -> None:
         if self.studies < 3:
