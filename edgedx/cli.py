@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .errors import DependencyError, EdgedxError
+from .errors import ConfigError, DependencyError, EdgedxError
 
 app = typer.Typer(
     help="Put medical-imaging CNNs onto scanner-side hardware: data, train, compress, bench, serve.",
@@ -335,6 +335,7 @@ class Quantization(str, Enum):
     int8 = "int8"
     float16 = "float16"
     dynamic = "dynamic"
+    auto = "auto"
     none = "none"
 
 
@@ -395,7 +396,13 @@ def compress_command(
     structure: Annotated[
         PruneStructure, typer.Option(help="unstructured, or 2:4 blocks.")
     ] = PruneStructure.unstructured,
-    quantize: Annotated[Quantization, typer.Option(help="TFLite precision of the deployed model.")] = Quantization.int8,
+    quantize: Annotated[
+        Quantization,
+        typer.Option(help="TFLite precision to deploy; auto: the fastest on --device that passes the guard."),
+    ] = Quantization.int8,
+    device: Annotated[
+        str | None, typer.Option(help="Device profile that --quantize auto measures the candidates on.")
+    ] = None,
     qat: Annotated[
         bool, typer.Option("--qat", help="Quantization-aware training instead of post-training int8.")
     ] = False,
@@ -428,6 +435,7 @@ def compress_command(
             sparsity=sparsity,
             structure=structure.value,
             quantize=quantize.value,
+            device=device,
             qat=qat,
             max_auc_drop=max_auc_drop,
             seed=seed,
@@ -446,10 +454,92 @@ def compress_command(
     )
 
 
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_command() -> None:
-    """(Not yet available) Measure float vs compressed models against a device profile."""
-    _not_yet("bench")
+def _bench_table(result: Any) -> Table:
+    table = Table(title=f"bench on {result.device.name}")
+    for header in ("model", "precision", "AUC", "sens", "spec", "flips", "p50 ms", "p95 ms", "img/s", "RSS MB", "KB"):
+        table.add_column(header, justify="left" if header in ("model", "precision") else "right")
+    for r in result.rows:
+        c, d = r["clinical"], r["device"]
+        table.add_row(
+            r["bundle"] + (" *" if r["deploy"] else ""),
+            r["precision"],
+            _fmt(c["auc"]),
+            _fmt(c["sensitivity"]),
+            _fmt(c["specificity"]),
+            f"{c['flips']:.1%}",
+            f"{d['p50_ms']:.2f}",
+            f"{d['p95_ms']:.2f}",
+            f"{d['throughput_per_s']:.0f}",
+            f"{d['peak_rss_mb']:.0f}",
+            f"{d['bytes'] / 1024:.0f}",
+        )
+    return table
+
+
+@app.command("bench")
+def bench_command(
+    bundles: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Bundles to measure: the float parent first (the reference for flips), then compressed."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device profile: a name in devices/ or a .toml path.")] = "host",
+    data: Annotated[
+        Path | None, typer.Option(help="Data whose test split to use (default: what the first bundle records).")
+    ] = None,
+    runs: Annotated[int, typer.Option(help="Timed single-image predictions per model.")] = 200,
+    warmup: Annotated[int, typer.Option(help="Untimed predictions before timing.")] = 20,
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, report.md and the plots.")] = Path("bench-report"),
+    export_kit: Annotated[
+        Path | None, typer.Option(help="Instead of measuring here, write an offline kit to this folder.")
+    ] = None,
+    sample: Annotated[int, typer.Option(help="Test images carried in an offline kit.")] = 200,
+    import_file: Annotated[
+        Path | None, typer.Option("--import", help="Fold a kit's results.json into a report instead.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Measure float vs compressed models: clinical figures and device figures against a profile's budgets.
+
+    Each model runs in a process of its own, limited as the device profile says (threads, CPUs,
+    memory); TFLite models run on the TensorFlow-free runtime. Exits 1 when a deployed model
+    misses a budget, naming it. --export-kit writes a folder to carry to an air-gapped box
+    (run `python run_kit.py` there); --import folds its results.json into the same report.
+    """
+    with _user_errors():
+        from .bench import bench, import_results
+        from .bench import export_kit as write_kit
+
+        if import_file is not None:
+            result = import_results(import_file, out)
+        elif not bundles:
+            raise ConfigError("give at least one bundle (or --import RESULTS.json)")
+        elif export_kit is not None:
+            kit = write_kit(bundles, device, export_kit, data=data, sample=sample, runs=runs, warmup=warmup)
+            console.print(f"kit written to {kit}; on the device run: python {kit.name}/run_kit.py")
+            return
+        else:
+            with _progress() as report:
+                result = bench(bundles, device, data=data, runs=runs, warmup=warmup, out=out, progress=report)
+    if as_json:
+        rows = [{k: v for k, v in row.items() if k not in ("scores", "latency_ms")} for row in result.rows]
+        console.print_json(
+            data={
+                "device": result.device.to_dict(),
+                "rows": rows,
+                "missed": result.missed,
+                "notes": result.notes,
+                "out": str(result.out),
+            }
+        )
+    else:
+        console.print(_bench_table(result))
+        for note in result.notes:
+            console.print(f"  {note}", highlight=False)
+        console.print(f"report written to {result.out}/report.md (* = the bundle's deployed model)")
+    if result.missed:
+        for missed in result.missed:
+            err_console.print(f"[red]budget missed[/red]: {escape(missed)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -158,3 +158,25 @@ def test_runtime_runs_compressed_bundle_without_tensorflow(parent, tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr[-2000:]
+
+
+def test_auto_precision_keeps_the_fastest_that_passes(parent, tmp_path):
+    result = compress(
+        parent.path, tmp_path / "auto", CompressConfig(quantize="auto", device="host", auto_runs=30, max_auc_drop=0.5)
+    )
+    record = result.bundle.manifest["compression"]["auto_precision"]
+    candidates = {c["precision"]: c for c in record["candidates"]}
+    assert set(candidates) == {"float32", "float16", "dynamic", "int8"}
+    winner = candidates[record["winner"]]
+    assert winner["passes_guard"]
+    assert all(winner["p50_ms"] <= c["p50_ms"] for c in candidates.values() if c["passes_guard"])
+    assert result.bundle.manifest["deploy"] == f"tflite-{record['winner']}"
+    assert record["winner"] in record["reason"] and "host" in record["reason"]
+    Model.load(result.bundle.path)  # the winner is deployable
+
+
+def test_auto_precision_needs_a_device():
+    with pytest.raises(ConfigError, match="use it with --device"):
+        CompressConfig(quantize="auto")
+    with pytest.raises(ConfigError, match="use it with --device"):
+        CompressConfig(quantize="int8", device="host")

@@ -11,7 +11,18 @@ TF_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization"
 
 
 @pytest.mark.parametrize(
-    "module", ["edgedx.preprocess", "edgedx.bundle", "edgedx.data", "edgedx.outputs", "edgedx.errors", "edgedx.cli"]
+    "module",
+    [
+        "edgedx.preprocess",
+        "edgedx.bundle",
+        "edgedx.data",
+        "edgedx.outputs",
+        "edgedx.errors",
+        "edgedx.cli",
+        "edgedx.runtime",
+        "edgedx.runtime.probe",
+        "edgedx.devices",
+    ],
 )
 def test_module_imports_no_tensorflow(module):
     code = (

@@ -22,7 +22,9 @@ from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict
 from .prune import STRUCTURES
 from .quantize import QUANTIZATIONS, TFLiteModel
 
-QUANTIZE_CHOICES = (*[q for q in QUANTIZATIONS if q != "float32"], "none")
+QUANTIZE_CHOICES = (*[q for q in QUANTIZATIONS if q != "float32"], "auto", "none")
+#: ``--quantize auto`` tries these, measured on the device; float32 always passes the guard.
+AUTO_CANDIDATES = ("float32", "float16", "dynamic", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +42,8 @@ class CompressConfig:
     structure: str = "unstructured"
     prune_epochs: int = 8
     quantize: str = "int8"
+    device: str | None = None  # with quantize="auto": the device profile to measure candidates on
+    auto_runs: int = 200
     qat: bool = False
     qat_epochs: int = 3
     max_auc_drop: float = 0.01
@@ -49,6 +53,8 @@ class CompressConfig:
     def __post_init__(self) -> None:
         if self.quantize not in QUANTIZE_CHOICES:
             raise ConfigError(f"unknown quantization {self.quantize!r}; choose from {', '.join(QUANTIZE_CHOICES)}")
+        if (self.quantize == "auto") != (self.device is not None):
+            raise ConfigError("--quantize auto measures the candidates on a device: use it with --device NAME")
         if self.qat and self.quantize != "int8":
             raise ConfigError("--qat trains for full-integer int8; use it with --quantize int8")
         if self.structure not in STRUCTURES:
@@ -59,7 +65,7 @@ class CompressConfig:
             raise ConfigError(f"need temperature > 0 and alpha in [0, 1], got {self.temperature} and {self.alpha}")
         if not 0 <= self.max_auc_drop < 1:
             raise ConfigError(f"max AUC drop must be in [0, 1), got {self.max_auc_drop}")
-        for name in ("prune_epochs", "qat_epochs", "calibration_samples"):
+        for name in ("prune_epochs", "qat_epochs", "calibration_samples", "auto_runs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if not (self.distill or self.prune or self.quantize != "none"):
@@ -253,7 +259,25 @@ def compress(
     float_model = current.keras_model
     float_tflite = convert(float_model, "float32")
     deploy = float_tflite
-    if config.quantize != "none":
+    auto_record = None
+    if config.quantize == "auto":
+        began = time.perf_counter()
+        calibration = representative_samples(prepared.x["train"], config.calibration_samples, config.seed)
+        deploy, q_scores, auto_record = _auto_precision(
+            float_model, float_tflite, calibration, current, prepared, manifest, config
+        )
+        stage = _Stage(
+            f"quantize-auto:{deploy.mode}",
+            float_model,
+            current.threshold,
+            q_scores,
+            current.arch,
+            tflite=deploy,
+            notes=[auto_record["reason"]],
+        )
+        rows.append(_row(stage, prepared, parent_decisions, time.perf_counter() - began, config.seed))
+        current = stage
+    elif config.quantize != "none":
         began = time.perf_counter()
         calibration = representative_samples(prepared.x["train"], config.calibration_samples, config.seed)
         reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
@@ -321,7 +345,87 @@ def compress(
         prepared,
         time.perf_counter() - start,
         overwrite,
+        auto_record,
     )
+
+
+def _candidate_bundle(folder: Path, model: TFLiteModel, manifest: dict, threshold: float | None) -> Path:
+    """A minimal bundle around one TFLite candidate, so the device probe can load it like any bundle."""
+    role = f"tflite-{model.mode}"
+    body = {
+        **{k: manifest[k] for k in ("task", "input", "preprocess")},
+        "threshold": {**manifest["threshold"], "value": threshold},
+        "deploy": role,
+        "models": {role: {"input": model.input, "output": model.output, "threshold": threshold}},
+    }
+    file = folder / f"{model.mode}.tflite"
+    file.write_bytes(model.content)
+    return write_bundle(folder / f"candidate-{model.mode}", body, models={role: file}).path
+
+
+def _auto_precision(
+    float_model,
+    float_tflite: TFLiteModel,
+    calibration: np.ndarray,
+    current: _Stage,
+    prepared: PreparedData,
+    manifest: dict,
+    config: CompressConfig,
+) -> tuple[TFLiteModel, dict[str, np.ndarray], dict[str, Any]]:
+    """Convert to every precision, measure each on the device, keep the fastest that passes the guard.
+
+    Latency is the median of ``auto_runs`` single-image predictions in a runtime-only process limited
+    as the device profile says (the same probe ``edgedx bench`` uses), on validation inputs.
+    """
+    from ..devices import load_profile
+    from ..runtime.probe import run_probe, summarize_latency
+    from .quantize import convert
+
+    profile = load_profile(config.device)
+    reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
+    candidates, models = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "val.npy"
+        np.save(inputs, prepared.x["val"][:256])
+        for mode in AUTO_CANDIDATES:
+            model = float_tflite if mode == "float32" else convert(float_model, mode, calibration)
+            scores = _tflite_scores(model, prepared, manifest["task"]["activation"])
+            drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
+            bundle = _candidate_bundle(Path(tmp), model, manifest, current.threshold)
+            probe = run_probe(
+                "edgedx.runtime.probe",
+                bundle=bundle,
+                role=f"tflite-{mode}",
+                inputs=inputs,
+                threads=profile.threads,
+                cpu_affinity=profile.cpu_affinity,
+                memory_limit_mb=profile.memory_limit_mb,
+                runs=config.auto_runs,
+            )
+            models[mode] = (model, scores)
+            candidates.append(
+                {
+                    "precision": mode,
+                    "bytes": len(model.content),
+                    "val_auc_drop": drop,
+                    "passes_guard": mode == "float32" or drop <= config.max_auc_drop,
+                    **{k: round(v, 4) for k, v in summarize_latency(probe["latency_ms"]).items()},
+                    "peak_rss_mb": round(probe["peak_rss_mb"], 1),
+                }
+            )
+    passing = [c for c in candidates if c["passes_guard"]]
+    winner = min(passing, key=lambda c: c["p50_ms"])
+    ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
+    refused = [c["precision"] for c in candidates if not c["passes_guard"]]
+    reason = (
+        f"{winner['precision']} is the fastest on {profile.name} of the precisions within --max-auc-drop "
+        f"{config.max_auc_drop} (median latency: {ranked})"
+        + (f"; refused for accuracy: {', '.join(refused)}" if refused else "")
+    )
+    record = {"device": profile.to_dict(), "runs": config.auto_runs, "candidates": candidates}
+    record |= {"winner": winner["precision"], "reason": reason}
+    model, scores = models[winner["precision"]]
+    return model, scores, record
 
 
 def _write(
@@ -337,6 +441,7 @@ def _write(
     prepared: PreparedData,
     seconds: float,
     overwrite: bool,
+    auto_record: dict[str, Any] | None = None,
 ) -> CompressResult:
     from ..models import count_macs, count_parameters
 
@@ -364,6 +469,7 @@ def _write(
             "data_matches_parent": prepared.fingerprints["train"] == manifest["data"]["fingerprint"]["train"],
             "steps": rows,
             "seconds": round(seconds, 1),
+            **({"auto_precision": auto_record} if auto_record else {}),
         },
         "models": {
             "tflite-float32": {

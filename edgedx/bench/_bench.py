@@ -1,0 +1,297 @@
+"""``edgedx bench``: float vs compressed, clinical and device figures, against a device profile.
+
+Every model is measured in a process of its own, limited as the device profile says: TFLite
+models by the runtime-only probe (no TensorFlow in that process), the Keras float model by the
+Keras probe. Clinical figures come from the probabilities those same processes computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import Bundle, read_bundle
+from ..data import load_dataset
+from ..devices import load_profile, parse_profile
+from ..errors import BundleError, ConfigError, DataError
+from ..outputs import decisions
+from ..preprocess import to_model_inputs
+from ..runtime.probe import run_probe
+from ._report import PRECISIONS, BenchResult, machine, summarize, write_report
+
+RUNTIME_PROBE = "edgedx.runtime.probe"
+KERAS_PROBE = "edgedx.bench.keras_probe"
+KIT_RUNNER = "run_kit.py"
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _threshold(bundle: Bundle, role: str) -> float | None:
+    return bundle.manifest["models"][role].get("threshold", bundle.threshold)
+
+
+def _deploy_role(bundle: Bundle) -> str | None:
+    tflite = [r for r in PRECISIONS if r.startswith("tflite") and r in bundle.manifest["models"]]
+    return bundle.manifest.get("deploy") or (tflite[-1] if tflite else None)
+
+
+def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]]:
+    """Every (bundle, model) to measure, with what the report needs to know about it."""
+    names = [b.name for b in bundles]
+    if len(set(names)) != len(names):
+        names = [f"{b.name}#{i + 1}" for i, b in enumerate(bundles)]
+    plan = []
+    for name, b in zip(names, bundles, strict=True):
+        for role in PRECISIONS:
+            if role not in b.manifest["models"] or (role == "keras" and not include_keras):
+                continue
+            plan.append(
+                {
+                    "bundle": name,
+                    "bundle_path": str(b.path),
+                    "role": role,
+                    "bytes": int(b.manifest["models"][role]["bytes"]),
+                    "macs": b.manifest.get("arch", {}).get("macs"),
+                    "threshold": _threshold(b, role),
+                    "deploy": role == _deploy_role(b),
+                }
+            )
+    if not plan:
+        raise BundleError("nothing to measure: the bundles hold no Keras or TFLite model")
+    return plan
+
+
+def _test_inputs(
+    bundles: Sequence[Bundle], data: Path | str | None, limit: int | None, seed: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels of the test split (or a sample of it) and, per bundle path, its preprocessed inputs."""
+    dataset = load_dataset(data or bundles[0].manifest["data"]["source"])
+    test = dataset.splits["test"]
+    index = np.arange(len(test))
+    if limit and limit < len(index):
+        index = np.sort(np.random.default_rng(seed).choice(index, limit, replace=False))
+    images = [test.read(int(i)) for i in index]
+    by_spec: dict[str, np.ndarray] = {}
+    inputs = {}
+    for b in bundles:
+        if b.manifest["preprocess"]["input"] != dataset.input:
+            raise DataError(f"{dataset.source} holds {dataset.input!r} images; {b.path} expects another kind")
+        key = json.dumps(b.manifest["preprocess"], sort_keys=True)
+        if key not in by_spec:
+            by_spec[key] = to_model_inputs(images, b.preprocess)
+        inputs[str(b.path)] = by_spec[key]
+    return test.labels[index], inputs
+
+
+def _reference_decisions(plan: list[dict[str, Any]], scores: dict[int, np.ndarray]) -> np.ndarray:
+    """Decisions of the float reference: the first Keras model, else the first model measured."""
+    ref = next((i for i, item in enumerate(plan) if item["role"] == "keras"), 0)
+    return decisions(scores[ref], plan[ref]["threshold"])
+
+
+def bench(
+    bundles: Sequence[Path | str],
+    device: str | Path,
+    *,
+    data: Path | str | None = None,
+    runs: int = 200,
+    warmup: int = 20,
+    out: Path | str | None = None,
+    include_keras: bool = True,
+    progress: ProgressFn | None = None,
+) -> BenchResult:
+    """Measure every model of ``bundles`` on the test split and against ``device``'s budgets.
+
+    Args:
+        bundles: The float parent first (its Keras model is the reference for flips), then
+            compressed bundles.
+        device: A profile name from ``devices/`` or a TOML path.
+        data: Dataset to take the test split from; default: the source the first bundle records.
+        runs: Timed single-image predictions per model, after ``warmup`` untimed ones.
+        out: Folder for ``bench.json``, ``report.md`` and plots; ``None`` writes nothing.
+    """
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"need runs >= 1 and warmup >= 0, got {runs} and {warmup}")
+    profile = load_profile(device)
+    read = [read_bundle(b) for b in bundles]
+    plan = _plan(read, include_keras)
+    labels, inputs = _test_inputs(read, data, None, 0)
+    measured = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for key, x in inputs.items():
+            files[key] = Path(tmp) / f"inputs-{len(files)}.npy"
+            np.save(files[key], x)
+        for i, item in enumerate(plan):
+            if progress:
+                progress(f"measuring {item['bundle']} {item['role']}", i, len(plan))
+            probe = run_probe(
+                KERAS_PROBE if item["role"] == "keras" else RUNTIME_PROBE,
+                bundle=item["bundle_path"],
+                role=item["role"],
+                inputs=files[item["bundle_path"]],
+                threads=profile.threads,
+                cpu_affinity=profile.cpu_affinity,
+                memory_limit_mb=profile.memory_limit_mb if item["role"] != "keras" else 0,
+                runs=runs,
+                warmup=warmup,
+            )
+            measured.append(item | {"probe": probe})
+        if progress:
+            progress("measured", len(plan), len(plan))
+    reference = _reference_decisions(plan, {i: np.asarray(m["probe"]["probabilities"]) for i, m in enumerate(measured)})
+    result = summarize(measured, labels, reference, profile, where={"machine": machine(), "source": "edgedx bench"})
+    return write_report(result, Path(out)) if out is not None else result
+
+
+# -- the offline kit --------------------------------------------------------------------------------
+
+_RUNNER = '''"""Measure this kit's models on this box; needs only the base install (pip install edgedx).
+
+    python run_kit.py [RESULTS.json]
+
+Writes the results (default: results.json beside this file); fold them into a report on the
+workstation with `edgedx bench --import RESULTS.json --out DIR`.
+"""
+
+import json
+import platform
+import os
+import sys
+from pathlib import Path
+
+from edgedx.runtime.probe import run_probe
+
+kit_dir = Path(__file__).resolve().parent
+kit = json.loads((kit_dir / "kit.json").read_text())
+device = kit["device"]
+results = []
+for n, item in enumerate(kit["models"], 1):
+    print(f"[{n}/{len(kit['models'])}] {item['bundle']} {item['role']}", file=sys.stderr)
+    probe = run_probe(
+        "edgedx.runtime.probe",
+        bundle=kit_dir / item["bundle_dir"],
+        role=item["role"],
+        inputs=kit_dir / item["inputs"],
+        threads=device["threads"],
+        cpu_affinity=device["cpu_affinity"],
+        memory_limit_mb=device["memory_limit_mb"],
+        runs=kit["runs"],
+        warmup=kit["warmup"],
+    )
+    results.append({**item, "probe": probe})
+machine = {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()}
+out = Path(sys.argv[1]) if len(sys.argv) > 1 else kit_dir / "results.json"
+out.write_text(json.dumps({"format": "edgedx-kit-results", "kit": kit, "machine": machine, "models": results}))
+print(f"wrote {out}", file=sys.stderr)
+'''
+
+
+def export_kit(
+    bundles: Sequence[Path | str],
+    device: str | Path,
+    out: Path | str,
+    *,
+    data: Path | str | None = None,
+    sample: int = 200,
+    runs: int = 200,
+    warmup: int = 20,
+    seed: int = 0,
+) -> Path:
+    """Write a self-contained folder to measure ``bundles``' TFLite models on an air-gapped box.
+
+    It holds copies of the bundles, ``sample`` preprocessed test inputs with their labels, the
+    float reference's decisions on them (for flips), the device profile, and ``run_kit.py``.
+    """
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose another folder or remove it first")
+    profile = load_profile(device)
+    read = [read_bundle(b) for b in bundles]
+    plan = _plan(read, include_keras=True)
+    labels, inputs = _test_inputs(read, data, sample, seed)
+    reference_item = next((item for item in plan if item["role"] == "keras"), None)
+    tflite = [item for item in plan if item["role"] != "keras"]
+    if not tflite:
+        raise BundleError("no TFLite model to carry: compress a bundle first")
+    out.mkdir(parents=True)
+    (out / "data").mkdir()
+    np.save(out / "data" / "labels.npy", labels)
+    if reference_item is not None:
+        from .._tf import keras
+        from ..outputs import probabilities
+
+        b = next(b for b in read if str(b.path) == reference_item["bundle_path"])
+        model = keras.models.load_model(b.model_path("keras"), compile=False)
+        scores = probabilities(model.predict(inputs[str(b.path)], verbose=0), b.manifest["task"]["activation"])
+    else:  # no float model given: flips are counted against the first TFLite model on the box
+        scores = None
+    files: dict[str, str] = {}
+    for n, b in enumerate(read):
+        if not any(item["bundle_path"] == str(b.path) for item in tflite):
+            continue
+        shutil.copytree(b.path, out / "bundles" / f"{n}-{b.path.name}")
+        files[str(b.path)] = f"data/inputs-{n}.npy"
+        np.save(out / files[str(b.path)], inputs[str(b.path)])
+    models = []
+    for item in tflite:
+        n = next(n for n, b in enumerate(read) if str(b.path) == item["bundle_path"])
+        entry = {k: v for k, v in item.items() if k != "bundle_path"}
+        models.append(entry | {"bundle_dir": f"bundles/{n}-{read[n].path.name}", "inputs": files[item["bundle_path"]]})
+    kit = {
+        "format": "edgedx-kit",
+        "device": profile.to_dict(),
+        "runs": runs,
+        "warmup": warmup,
+        "labels": "data/labels.npy",
+        "reference": None
+        if scores is None
+        else {
+            "bundle": reference_item["bundle"],
+            "role": "keras",
+            "decisions": decisions(scores, reference_item["threshold"]).tolist(),
+        },
+        "models": models,
+    }
+    (out / "kit.json").write_text(json.dumps(kit, indent=2) + "\n")
+    (out / KIT_RUNNER).write_text(_RUNNER)
+    return out
+
+
+def import_results(results_file: Path | str, out: Path | str | None = None) -> BenchResult:
+    """Fold a kit's ``results.json`` (written on the device) into the same report ``bench`` writes."""
+    path = Path(results_file)
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read kit results ({exc})") from None
+    if not isinstance(body, dict) or body.get("format") != "edgedx-kit-results":
+        raise DataError(f"{path}: not the results of an edgedx kit (run_kit.py writes them)")
+    kit = body["kit"]
+    labels_file = path.parent / kit["labels"]
+    if not labels_file.is_file():
+        raise DataError(f"{labels_file}: the kit's labels are missing; keep results.json inside the kit folder")
+    labels = np.load(labels_file)
+    profile = parse_profile(kit["device"]["name"], _profile_fields(kit["device"]), f"{path} (device)")
+    measured = body["models"]
+    if kit["reference"] is not None:
+        reference = np.asarray(kit["reference"]["decisions"])
+    else:
+        reference = decisions(np.asarray(measured[0]["probe"]["probabilities"]), measured[0]["threshold"])
+    result = summarize(measured, labels, reference, profile, where={"machine": body["machine"], "source": str(path)})
+    return write_report(result, Path(out)) if out is not None else result
+
+
+def _profile_fields(device: dict[str, Any]) -> dict[str, Any]:
+    return {k: device[k] for k in ("description", "threads", "cpu_affinity", "memory_limit_mb", "budgets")}
+
+
+def kit_command(kit_dir: Path | str) -> list[str]:
+    """How to run a kit (for messages): the runner with this Python."""
+    return [sys.executable, str(Path(kit_dir) / KIT_RUNNER)]

@@ -1,0 +1,213 @@
+"""From measured probabilities and timings to figures, budgets, ``bench.json``, a Markdown report and plots.
+
+Shared by ``edgedx bench`` (measured here) and ``edgedx bench --import`` (measured on an air-gapped
+box by the offline kit), so both give the same report.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import metrics as clinical
+from ..devices import DeviceProfile
+from ..outputs import decisions
+from ..runtime.probe import summarize_latency
+
+PRECISIONS = {
+    "keras": "float32 (Keras)",
+    "tflite-float32": "float32",
+    "tflite-float16": "float16",
+    "tflite-dynamic": "dynamic-range int8",
+    "tflite-int8": "full int8",
+}
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What ``edgedx bench`` measured: one row per model, the budgets missed, and notes."""
+
+    device: DeviceProfile
+    rows: list[dict[str, Any]]
+    missed: list[str]
+    notes: list[str]
+    labels: list[int]
+    out: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device.to_dict(),
+            "rows": self.rows,
+            "missed": self.missed,
+            "notes": self.notes,
+            "labels": self.labels,
+        }
+
+
+def machine() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count()}
+
+
+def summarize(
+    measured: list[dict[str, Any]],
+    labels: np.ndarray,
+    reference_decisions: np.ndarray,
+    device: DeviceProfile,
+    *,
+    where: dict[str, Any],
+    resamples: int = 1000,
+) -> BenchResult:
+    """Turn raw measurements into report rows, check the device budgets and note precision surprises.
+
+    Each item of ``measured`` has ``bundle``, ``role``, ``bytes``, ``macs``, ``threshold``,
+    ``deploy`` (whether the bundle deploys this model: budgets apply to it) and ``probe`` (the
+    output of a probe process, with ``probabilities``).
+    """
+    rows, missed = [], []
+    for item in measured:
+        probe = item["probe"]
+        scores = np.asarray(probe["probabilities"])
+        figures = clinical.evaluate(labels, scores, item["threshold"], resamples=resamples)
+        flips = float(np.mean(decisions(scores, item["threshold"]) != reference_decisions))
+        latency = summarize_latency(probe["latency_ms"])
+        row = {
+            "bundle": item["bundle"],
+            "role": item["role"],
+            "precision": PRECISIONS.get(item["role"], item["role"]),
+            "deploy": item["deploy"],
+            "clinical": {k: figures[k] for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity", "accuracy")}
+            | {"flips": flips, "threshold": item["threshold"]},
+            "device": {
+                **latency,
+                "load_seconds": probe["load_seconds"],
+                "cold_start_seconds": probe.get("cold_start_seconds"),
+                "throughput_per_s": probe["throughput_per_s"],
+                "peak_rss_mb": probe["peak_rss_mb"],
+                "bytes": item["bytes"],
+                "macs": item["macs"],
+                "gmac_per_s": item["macs"] / (latency["p50_ms"] / 1000) / 1e9 if item["macs"] else None,
+                "backend": probe["backend"],
+                "threads": probe["threads"],
+                "tensorflow_loaded": probe["tensorflow_loaded"],
+                "notes": probe.get("notes", []),
+            },
+            "latency_ms": probe["latency_ms"],
+            "scores": scores.tolist(),
+        }
+        if item["deploy"]:
+            row["budgets_missed"] = device.check(
+                {
+                    "latency_p95_ms": latency["p95_ms"],
+                    "peak_rss_mb": probe["peak_rss_mb"],
+                    "model_size_kb": item["bytes"] / 1024,
+                    "min_auc": figures["auc"],
+                    "max_flips": flips,
+                }
+            )
+            missed += [f"{item['bundle']} {item['role']}: {m}" for m in row["budgets_missed"]]
+        rows.append(row)
+    notes = _precision_notes(rows, device) + _where_notes(where)
+    return BenchResult(device, rows, missed, notes, np.asarray(labels).tolist())
+
+
+def _precision_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str]:
+    """Say where a quantized model is slower than float on this device, and name the fastest."""
+    notes = []
+    for bundle in dict.fromkeys(r["bundle"] for r in rows):
+        tflite = {r["role"]: r for r in rows if r["bundle"] == bundle and r["role"].startswith("tflite")}
+        if len(tflite) < 2 or "tflite-float32" not in tflite:
+            continue
+        fastest = min(tflite.values(), key=lambda r: r["device"]["p50_ms"])
+        base = tflite["tflite-float32"]["device"]["p50_ms"]
+        for role, row in tflite.items():
+            p50 = row["device"]["p50_ms"]
+            if role != "tflite-float32" and p50 > base:
+                notes.append(
+                    f"{bundle}: {row['precision']} is slower than float32 on {device.name} "
+                    f"(p50 {p50:.2f} ms vs {base:.2f} ms); the fastest here is {fastest['precision']} "
+                    f"({fastest['device']['p50_ms']:.2f} ms)"
+                )
+    return notes
+
+
+def _where_notes(where: dict[str, Any]) -> list[str]:
+    m = where.get("machine", {})
+    return [f"measured on {m.get('platform', '?')} ({m.get('cpus', '?')} CPUs) from {where.get('source', '?')}"]
+
+
+def write_report(result: BenchResult, out: Path) -> BenchResult:
+    """``bench.json``, ``report.md``, ``roc.png`` (binary tasks) and ``latency.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    plots = _plots(result, out)
+    lines = [
+        f"# edgedx bench on `{result.device.name}`",
+        "",
+        f"{result.device.description}: {result.device.threads} thread(s), CPUs "
+        f"{list(result.device.cpu_affinity) or 'any'}, memory cap "
+        f"{result.device.memory_limit_mb or 'none'} MB. Budgets: "
+        + (", ".join(f"{k} {v:g}" for k, v in result.device.budgets.items()) or "none"),
+        "",
+        "| model | precision | AUC (95% CI) | sens | spec | flips | p50 ms | p95 ms | p99 ms | img/s | "
+        "RSS MB | cold start s | KB | GMAC/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result.rows:
+        c, d = r["clinical"], r["device"]
+        lo, hi = c["auc_ci95"]
+        gmac = f"{d['gmac_per_s']:.2f}" if d["gmac_per_s"] else "-"
+        cold = f"{d['cold_start_seconds']:.2f}" if d["cold_start_seconds"] is not None else "-"
+        lines.append(
+            f"| {r['bundle']}{' (deploy)' if r['deploy'] else ''} | {r['precision']} | {c['auc']:.4f} "
+            f"({lo:.3f}-{hi:.3f}) | {c['sensitivity']:.3f} | {c['specificity']:.3f} | {c['flips']:.3f} | "
+            f"{d['p50_ms']:.2f} | {d['p95_ms']:.2f} | {d['p99_ms']:.2f} | {d['throughput_per_s']:.0f} | "
+            f"{d['peak_rss_mb']:.0f} | {cold} | {d['bytes'] / 1024:.0f} | {gmac} |"
+        )
+    lines += ["", "## Budgets", ""]
+    lines += [f"- MISSED: {m}" for m in result.missed] or ["- every deployed model meets every budget"]
+    lines += ["", "## Notes", "", *[f"- {n}" for n in result.notes], ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return replace(result, out=out)
+
+
+def _plots(result: BenchResult, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    written = []
+    labels = np.asarray(result.labels)
+    binary = all(np.asarray(r["scores"]).ndim == 1 for r in result.rows)
+    if binary:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for r in result.rows:
+            fpr, tpr, _ = roc_curve(labels, r["scores"])
+            ax.plot(fpr, tpr, label=f"{r['bundle']} {r['precision']} (AUC {r['clinical']['auc']:.3f})")
+        ax.plot([0, 1], [0, 1], ls=":", c="grey")
+        ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC, test split ({result.device.name})")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / "roc.png", dpi=120)
+        plt.close(fig)
+        written.append(out / "roc.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in result.rows:
+        ax.hist(r["latency_ms"], bins=40, alpha=0.5, label=f"{r['bundle']} {r['precision']}")
+    ax.set(xlabel="latency per image, ms", ylabel="runs", title=f"Latency on {result.device.name}")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "latency.png")
+    return written

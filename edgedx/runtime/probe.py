@@ -1,0 +1,168 @@
+"""Measure one model as a device would run it, in a process of its own.
+
+``python -m edgedx.runtime.probe`` loads a bundle's TFLite model with the runtime, limited as a
+device profile says (CPU affinity, address-space cap, interpreter threads), predicts every input
+once (the probabilities the clinical figures are computed from), then times single-image
+predictions (preprocessed input -> probabilities, the way the daemon calls the model), and prints
+one JSON object. The process imports no TensorFlow, and says so in its output.
+
+:func:`run_probe` starts such a process and returns its figures; ``edgedx bench`` and the offline
+kit both use it. :func:`measure` is the timing loop, shared with the Keras probe of ``edgedx bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EdgedxError
+
+PredictFn = Callable[[np.ndarray], np.ndarray]
+
+
+def apply_limits(cpu_affinity: list[int] | tuple[int, ...], memory_limit_mb: int) -> list[str]:
+    """Pin this process to ``cpu_affinity`` and cap its address space; what could not be applied."""
+    skipped = []
+    if cpu_affinity:
+        usable = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+        wanted = {c for c in cpu_affinity if c in usable}
+        if wanted and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, wanted)
+        if wanted != set(cpu_affinity):
+            skipped.append(f"CPUs {sorted(set(cpu_affinity) - wanted)} do not exist here or are not ours")
+    if memory_limit_mb:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return skipped
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def measure(predict_one: PredictFn, predict_all: PredictFn, inputs: np.ndarray, runs: int, warmup: int) -> dict:
+    """Probabilities for every input, then ``warmup`` untimed and ``runs`` timed one-image calls."""
+    began = time.perf_counter()
+    first = predict_one(inputs[:1])
+    first_prediction = time.time()
+    first_seconds = time.perf_counter() - began
+    scores = predict_all(inputs)
+    for i in range(warmup):
+        predict_one(inputs[i % len(inputs) : i % len(inputs) + 1])
+    latencies = np.empty(runs)
+    for i in range(runs):
+        x = inputs[i % len(inputs) : i % len(inputs) + 1]
+        t = time.perf_counter()
+        predict_one(x)
+        latencies[i] = time.perf_counter() - t
+    del first
+    return {
+        "probabilities": np.asarray(scores, np.float64).tolist(),
+        "first_prediction_unix": first_prediction,
+        "first_prediction_seconds": first_seconds,
+        "latency_ms": (latencies * 1000).round(4).tolist(),
+        "throughput_per_s": runs / float(latencies.sum()),
+    }
+
+
+def summarize_latency(latency_ms: list[float]) -> dict[str, float]:
+    lat = np.asarray(latency_ms)
+    return {
+        "mean_ms": float(lat.mean()),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
+
+
+def probe_tflite(bundle: str, role: str, inputs: np.ndarray, threads: int, runs: int, warmup: int) -> dict:
+    from .model import Model
+
+    began = time.perf_counter()
+    model = Model.load(bundle, role=role, threads=threads)
+    load_seconds = time.perf_counter() - began
+    result = measure(model.predict_inputs, model.predict_inputs, inputs, runs, warmup)
+    return result | {"load_seconds": load_seconds, "backend": model.backend}
+
+
+def run_probe(
+    module: str,
+    *,
+    bundle: Path | str,
+    role: str,
+    inputs: Path | str,
+    threads: int,
+    cpu_affinity: list[int] | tuple[int, ...] = (),
+    memory_limit_mb: int = 0,
+    runs: int = 200,
+    warmup: int = 20,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """Run ``python -m module`` (this probe, or another with the same options) and return its JSON.
+
+    Adds ``cold_start_seconds``: from starting the process to its first prediction, including the
+    interpreter's start-up and every import.
+    """
+    command = [
+        sys.executable, "-m", module, "--bundle", str(bundle), "--role", role, "--inputs", str(inputs),
+        "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup),
+        "--memory-limit-mb", str(memory_limit_mb), "--cpu-affinity", ",".join(map(str, cpu_affinity)),
+    ]  # fmt: skip
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgedxError(f"measuring {role} of {bundle} failed (exit {done.returncode}): {reason}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise EdgedxError(f"measuring {role} of {bundle} failed: {result['error']}")
+    result["cold_start_seconds"] = result["first_prediction_unix"] - started
+    return result
+
+
+def probe_main(probe: Callable[[str, str, np.ndarray, int, int, int], dict], argv: list[str] | None = None) -> None:
+    """The command line of a probe process; ``probe`` loads and measures one model."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--role", required=True)
+    parser.add_argument("--inputs", required=True, help=".npy of preprocessed inputs (N, S, S, C)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--memory-limit-mb", type=int, default=0)
+    parser.add_argument("--cpu-affinity", default="")
+    args = parser.parse_args(argv)
+    affinity = [int(c) for c in args.cpu_affinity.split(",") if c]
+    try:
+        notes = apply_limits(affinity, args.memory_limit_mb)
+        inputs = np.load(args.inputs)
+        result = probe(args.bundle, args.role, inputs, args.threads, args.runs, args.warmup)
+    except (EdgedxError, MemoryError, OSError, ValueError) as exc:
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        return
+    result |= {
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": args.threads,
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_limit_mb": args.memory_limit_mb,
+        "notes": notes,
+        "tensorflow_loaded": any(m in sys.modules for m in ("tensorflow", "tf_keras")),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    probe_main(probe_tflite)

@@ -1,0 +1,88 @@
+"""``edgedx bench`` on tiny data: figures from separate processes, budgets, report files, offline kit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import needs_tf
+from typer.testing import CliRunner
+
+from edgedx.bench import bench, export_kit, import_results
+from edgedx.cli import app
+from edgedx.compress import CompressConfig, compress
+from edgedx.data import load_dataset
+from edgedx.train import TrainConfig, train
+
+pytestmark = [pytest.mark.tf, needs_tf]
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_npz, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    parent = train(load_dataset(tiny_npz), root / "float", TrainConfig(arch="seed-cnn", epochs=3, batch_size=16))
+    small = compress(parent.bundle.path, root / "int8", CompressConfig(quantize="int8", max_auc_drop=0.5))
+    return parent.bundle.path, small.bundle.path
+
+
+def _device(tmp_path, **budgets) -> str:
+    lines = ['description = "test box"', "threads = 1", "cpu_affinity = [0]", "memory_limit_mb = 2048", "[budgets]"]
+    lines += [f"{k} = {v}" for k, v in budgets.items()]
+    path = tmp_path / "testbox.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def test_bench_measures_every_model_and_writes_the_report(bundles, tmp_path):
+    out = tmp_path / "report"
+    result = bench(bundles, _device(tmp_path, model_size_kb=1e6), runs=15, warmup=2, out=out)
+    roles = [(r["bundle"], r["role"]) for r in result.rows]
+    assert roles == [("float", "keras"), ("int8", "keras"), ("int8", "tflite-float32"), ("int8", "tflite-int8")]
+    keras_ref, *_, int8 = result.rows
+    assert keras_ref["clinical"]["flips"] == 0.0  # the reference against itself
+    assert int8["deploy"] and int8["budgets_missed"] == [] and result.missed == []
+    n_test = len(load_dataset(json.loads((bundles[0] / "manifest.json").read_text())["data"]["source"]).splits["test"])
+    for row in result.rows:
+        assert row["clinical"]["n"] == n_test and 0.0 <= row["clinical"]["auc"] <= 1.0
+        assert len(row["latency_ms"]) == 15 and row["device"]["p50_ms"] <= row["device"]["p99_ms"]
+        assert row["device"]["peak_rss_mb"] > 0 and row["device"]["cold_start_seconds"] > 0
+        # TFLite models were measured in a process without TensorFlow; Keras needs it
+        assert row["device"]["tensorflow_loaded"] == (row["role"] == "keras")
+        assert row["device"]["threads"] == 1
+    for name in ("bench.json", "report.md", "roc.png", "latency.png"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "full int8" in report and "every deployed model meets every budget" in report
+    assert json.loads((out / "bench.json").read_text())["rows"][3]["role"] == "tflite-int8"
+
+
+def test_missed_budget_exits_non_zero_and_names_it(bundles, tmp_path):
+    device = _device(tmp_path, latency_p95_ms=0.0001, model_size_kb=1e6)
+    args = ["bench", str(bundles[1]), "--device", device, "--runs", "5", "--warmup", "0", "--out", str(tmp_path / "r")]
+    run = CliRunner().invoke(app, args)
+    assert run.exit_code == 1
+    assert "latency_p95_ms" in run.output and "above the testbox budget of 0.0001ms" in run.output
+    assert "model_size_kb" not in run.output.split("budget missed", 1)[1]
+
+
+def test_kit_export_run_import_round_trip(bundles, tmp_path):
+    kit = export_kit(bundles, _device(tmp_path), tmp_path / "kit", sample=10, runs=5, warmup=1)
+    assert (kit / "run_kit.py").is_file() and (kit / "kit.json").is_file()
+    assert not any((kit / "bundles").glob("0-*"))  # the float parent has no TFLite model to carry
+    # On the device: only the runner and the base runtime, in a fresh process.
+    run = subprocess.run([sys.executable, str(kit / "run_kit.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = import_results(kit / "results.json", tmp_path / "imported")
+    assert [r["role"] for r in result.rows] == ["tflite-float32", "tflite-int8"]
+    assert all(r["clinical"]["n"] == 10 and not r["device"]["tensorflow_loaded"] for r in result.rows)
+    assert (tmp_path / "imported" / "report.md").is_file()
+
+
+def test_import_refuses_other_files(tmp_path):
+    from edgedx.errors import DataError
+
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(DataError, match="not the results of an edgedx kit"):
+        import_results(tmp_path / "x.json")

@@ -1,0 +1,58 @@
+"""Device profiles: the shipped ones load, a dropped-in file is found, bad files get a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgedx.devices import available_devices, load_profile
+from edgedx.errors import ConfigError
+
+
+def test_shipped_profiles_load():
+    for name in ("host", "console-2core", "edge-1core"):
+        profile = load_profile(name)
+        assert profile.threads >= 1
+        assert set(profile.budgets) == {"latency_p95_ms", "peak_rss_mb", "model_size_kb", "min_auc", "max_flips"}
+    edge = load_profile("edge-1core")
+    assert edge.threads == 1 and edge.cpu_affinity == (0,) and edge.memory_limit_mb > 0
+
+
+def test_dropped_in_profile_is_found(tmp_path, monkeypatch):
+    (tmp_path / "ward-box.toml").write_text('description = "a ward box"\nthreads = 3\n[budgets]\nmin_auc = 0.8\n')
+    monkeypatch.setenv("EDGEDX_DEVICES", str(tmp_path))
+    assert "ward-box" in available_devices()
+    profile = load_profile("ward-box")
+    assert (profile.threads, profile.budgets, profile.memory_limit_mb) == (3, {"min_auc": 0.8}, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("threads = 0", "threads must be a whole number >= 1"),
+        ("threads = 2\ncpu_affinity = 'all'", "cpu_affinity must be a list"),
+        ("threads = 2\nmemory_limit_mb = -5", "memory_limit_mb must be"),
+        ("threads = 2\ncolour = 'red'", "unknown field.*colour"),
+        ("threads = 2\n[budgets]\nlatency_p50_ms = 3", "unknown budget 'latency_p50_ms'"),
+        ("threads = 2\n[budgets]\nmin_auc = 'high'", "budget min_auc must be a number"),
+        ("threads = [", "not valid TOML"),
+    ],
+)
+def test_bad_profile_is_named(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_profile(path)
+    assert str(path) in str(info.value)
+
+
+def test_unknown_device_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="no device profile 'toaster'; known: .*console-2core"):
+        load_profile("toaster")
+
+
+def test_budget_check_names_what_is_missed():
+    profile = load_profile("edge-1core")
+    missed = profile.check({"latency_p95_ms": 1e6, "min_auc": 0.5, "max_flips": 0.0, "model_size_kb": 1.0})
+    assert len(missed) == 2
+    assert any(m.startswith("latency_p95_ms") and "above" in m for m in missed)
+    assert any(m.startswith("min_auc") and "below" in m for m in missed)
