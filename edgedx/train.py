@@ -49,7 +49,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     learning_rate: float = 1e-3
-    patience: int = 6
+    patience: int = 8
     seed: int = 0
     augment: bool = True
     threshold_policy: str = "youden"

@@ -26,7 +26,7 @@ from ..errors import ConfigError
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABEL_COLUMNS = ("any", *SUBTYPES)
-GENERATOR_VERSION = 2  # names the default cache folder: bump when the files or the split change
+GENERATOR_VERSION = 3  # names the default cache folder: bump when the files or the split change
 SIZE = 512
 PIXEL_SPACING_MM = 0.45
 SLICE_THICKNESS_MM = 5.0
@@ -56,8 +56,10 @@ class Difficulty:
 
 DIFFICULTIES: dict[str, Difficulty] = {
     "easy": Difficulty("easy", (65.0, 90.0), 1.4),
-    "standard": Difficulty("standard", (52.0, 85.0), 1.0),
-    "hard": Difficulty("hard", (50.0, 65.0), 0.6),
+    # standard: tuned so that the default resnet-small reaches a test AUC of about 0.95-0.97, below
+    # the ceiling where compression losses would vanish (measured: 0.966, CI 0.946-0.984)
+    "standard": Difficulty("standard", (50.0, 60.0), 0.45),
+    "hard": Difficulty("hard", (50.0, 56.0), 0.35),
 }
 
 
@@ -367,7 +369,7 @@ def study_split(config: SynthConfig) -> list[str]:
 
 
 def synthesize(
-    out: Path, config: SynthConfig = SynthConfig(), progress: Callable[[int, int], None] | None = None
+    out: Path | str, config: SynthConfig = SynthConfig(), progress: Callable[[int, int], None] | None = None
 ) -> Path:
     """Write ``config.studies`` synthetic head-CT studies to ``out`` with ``labels.csv``.
 
@@ -383,6 +385,7 @@ def synthesize(
     Returns:
         ``out``.
     """
+    out = Path(out)
     if (out / "labels.csv").exists():
         raise ConfigError(f"{out} already holds a dataset (labels.csv); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)

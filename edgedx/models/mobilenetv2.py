@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._registry import register_architecture
+from ._registry import batch_norm, register_architecture
 
 # (expansion t, channels c, repeats n, stride s) of the paper's Table 2
 _BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -22,13 +22,13 @@ def _inverted_residual(x, expansion: int, filters: int, stride: int):
     y = x
     if expansion != 1:
         y = layers.Conv2D(cin * expansion, 1, use_bias=False)(y)
-        y = layers.BatchNormalization()(y)
+        y = batch_norm()(y)
         y = layers.ReLU(6.0)(y)
     y = layers.DepthwiseConv2D(3, stride, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization()(y)
+    y = batch_norm()(y)
     y = layers.ReLU(6.0)(y)
     y = layers.Conv2D(filters, 1, use_bias=False)(y)
-    y = layers.BatchNormalization()(y)
+    y = batch_norm()(y)
     return layers.Add()([x, y]) if stride == 1 and cin == filters else y
 
 
@@ -42,13 +42,13 @@ def mobilenetv2(input_shape: tuple[int, int, int], num_outputs: int, *, width: f
     # small inputs skip the first downsampling so the last feature map keeps some extent
     stem_stride = 2 if input_shape[0] >= 96 else 1
     x = layers.Conv2D(_divisible(32 * width), 3, stem_stride, padding="same", use_bias=False)(inputs)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     x = layers.ReLU(6.0)(x)
     for expansion, channels, repeats, stride in _BLOCKS:
         for i in range(repeats):
             x = _inverted_residual(x, expansion, _divisible(channels * width), stride if i == 0 else 1)
     x = layers.Conv2D(_divisible(1280 * max(1.0, width)), 1, use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     x = layers.ReLU(6.0)(x)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.2)(x)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._registry import register_architecture
+from ._registry import batch_norm, register_architecture
 
 
 def _basic_block(x, filters: int, stride: int):
@@ -11,13 +11,13 @@ def _basic_block(x, filters: int, stride: int):
     layers = keras.layers
     shortcut = x
     y = layers.Conv2D(filters, 3, stride, padding="same", use_bias=False)(x)
-    y = layers.BatchNormalization()(y)
+    y = batch_norm()(y)
     y = layers.ReLU()(y)
     y = layers.Conv2D(filters, 3, 1, padding="same", use_bias=False)(y)
-    y = layers.BatchNormalization()(y)
+    y = batch_norm()(y)
     if stride != 1 or x.shape[-1] != filters:
         shortcut = layers.Conv2D(filters, 1, stride, use_bias=False)(x)
-        shortcut = layers.BatchNormalization()(shortcut)
+        shortcut = batch_norm()(shortcut)
     return layers.ReLU()(layers.Add()([y, shortcut]))
 
 
@@ -31,7 +31,7 @@ def resnet_small(input_shape: tuple[int, int, int], num_outputs: int, *, width: 
     # inputs larger than 64 px are halved first so compute stays in proportion to the content
     stem_stride = 2 if input_shape[0] > 64 else 1
     x = layers.Conv2D(base, 3, stem_stride, padding="same", use_bias=False)(inputs)
-    x = layers.BatchNormalization()(x)
+    x = batch_norm()(x)
     x = layers.ReLU()(x)
     for stage, filters in enumerate((base, 2 * base, 4 * base)):
         x = _basic_block(x, filters, 1 if stage == 0 else 2)
