@@ -86,3 +86,36 @@ def test_import_refuses_other_files(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(DataError, match="not the results of an edgedx kit"):
         import_results(tmp_path / "x.json")
+
+
+def test_runtime_refuses_a_tampered_model(bundles, tmp_path):
+    import shutil
+
+    from edgedx.errors import BundleError
+    from edgedx.runtime import Model
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundles[1], copy)
+    model_file = next(copy.glob("*int8*.tflite"))
+    content = bytearray(model_file.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    model_file.write_bytes(bytes(content))
+    with pytest.raises(BundleError, match=f"{model_file.name} fails its checksum"):
+        Model.load(copy)
+    model_file.write_bytes(bytes(content[: len(content) // 2]))  # truncated in transfer
+    with pytest.raises(BundleError, match="fails its checksum"):
+        Model.load(copy)
+
+
+def test_runtime_batch_matches_single_predictions(bundles):
+    import numpy as np
+
+    from edgedx.runtime import Model
+
+    model = Model.load(bundles[1], threads=1)
+    images = [np.full((16, 16), v, np.float32) for v in (10.0, 120.0, 220.0)]
+    batch = model.predict_batch(images)
+    single = [model.predict(im) for im in images]
+    assert [p.decision for p in batch] == [p.decision for p in single]
+    assert np.allclose([float(p.probabilities) for p in batch], [float(p.probabilities) for p in single])
+    assert model.predict_batch([]) == []

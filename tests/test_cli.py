@@ -55,10 +55,18 @@ def test_info_refuses_tampered_bundle(tmp_path):
     assert result.exit_code == 1 and "BundleError" in result.output
 
 
-@pytest.mark.parametrize("command", ["bench", "serve"])
-def test_placeholders_say_so(command):
-    result = runner.invoke(app, [command, "anything"])
+def test_serve_placeholder_says_so():
+    result = runner.invoke(app, ["serve", "anything"])
     assert result.exit_code == 2 and "not implemented yet" in result.output
+
+
+def test_bench_errors_are_one_line(tmp_path):
+    result = runner.invoke(app, ["bench"])
+    assert result.exit_code == 1 and "give at least one bundle" in result.output
+    result = runner.invoke(app, ["bench", str(tmp_path), "--device", "toaster"])
+    assert result.exit_code == 1 and "no device profile 'toaster'" in result.output
+    result = runner.invoke(app, ["bench", str(tmp_path)])
+    assert result.exit_code == 1 and "BundleError" in result.output and "not a model bundle" in result.output
 
 
 @pytest.mark.tf

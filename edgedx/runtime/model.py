@@ -189,6 +189,21 @@ class Model:
 
     def predict(self, source: Any) -> Prediction:
         """One case: a DICOM path, a pydicom dataset, or a 2-D array (HU or grey levels)."""
+        return self.predict_batch([source])[0]
+
+    def predict_batch(self, sources: Iterable[Any]) -> list[Prediction]:
+        """Many cases, each a DICOM path, a pydicom dataset or a 2-D array; one prediction each."""
+        images = [self._image(source) for source in sources]
+        if not images:
+            return []
+        probs = self.predict_images(images)
+        labels = decisions(probs, self.threshold)
+        return [
+            Prediction(probabilities=p, decision=int(d), label=self.class_names[int(d)], threshold=self.threshold)
+            for p, d in zip(probs, labels, strict=True)
+        ]
+
+    def _image(self, source: Any) -> np.ndarray:
         if isinstance(source, (str, Path)):
             image = image_from_dataset(
                 read_dataset(source), name=Path(source).name, modalities=self.bundle.manifest["input"].get("modality")
@@ -201,8 +216,4 @@ class Model:
             raise DataError(
                 f"cannot predict on a {type(source).__name__}; give a DICOM path, a pydicom dataset or a 2-D array"
             )
-        probs = self.predict_images([image])[0]
-        decision = int(decisions(probs[None], self.threshold)[0])
-        return Prediction(
-            probabilities=probs, decision=decision, label=self.class_names[decision], threshold=self.threshold
-        )
+        return image
