@@ -37,7 +37,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 TF_INT8_PROBE = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 import edgedx._tf as _tf
 interpreter = _tf.tf.lite.Interpreter(model_path=sys.argv[1], num_threads=int(sys.argv[3]))
@@ -48,8 +48,8 @@ x = np.load(sys.argv[2])[:1]
 interpreter.set_tensor(inp["index"], np.clip(np.rint(x / scale) + zero, -128, 127).astype(np.int8))
 interpreter.invoke()
 interpreter.get_tensor(out["index"])
-print(json.dumps({"first_prediction_unix": time.time(),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+from edgedx.runtime.probe import peak_rss_mb
+print(json.dumps({"first_prediction_unix": time.time(), "peak_rss_mb": peak_rss_mb()}))
 """
 
 

@@ -47,8 +47,17 @@ def apply_limits(cpu_affinity: list[int] | tuple[int, ...], memory_limit_mb: int
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident set size of this process so far.
+
+    Linux's ``ru_maxrss`` survives ``exec``: a probe started by a 800 MB TensorFlow process would
+    report 800 MB. ``VmHWM`` in ``/proc/self/status`` belongs to this program's own memory map.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
