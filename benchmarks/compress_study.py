@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--data", help="a data set edgedx reads; default: the embedded synthetic head CT")
     parser.add_argument("--teacher", type=Path, help="a float bundle to start from; default: train one")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgedx-compress-study"), help="where bundles go")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of redoing them")
     args = parser.parse_args()
 
     import tensorflow as tf  # only for the version in the file name
@@ -67,8 +68,9 @@ def main() -> None:
         dataset = default_dataset()
     name = Path(args.data).stem if args.data else "headct-default"
     work = args.work / name
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
 
     teacher = args.teacher
     if teacher is None:
@@ -82,24 +84,25 @@ def main() -> None:
         "distill": CompressConfig(distill=True, quantize="none"),
         "default": CompressConfig(distill=True, prune=True, quantize="int8"),
     }
-    steps = {key: compress(teacher, work / key, config, data=data).steps for key, config in runs.items()}
+    steps = {}
+    for key, config in runs.items():
+        if (work / key / "manifest.json").is_file():  # --reuse: a finished run from before
+            steps[key] = json.loads((work / key / "manifest.json").read_text())["compression"]["steps"]
+        else:
+            steps[key] = compress(teacher, work / key, config, data=data).steps
     parent = steps["int8"][0]
 
     student = json.loads((work / "distill" / "manifest.json").read_text())["arch"]
     teacher_config = json.loads((Path(teacher) / "manifest.json").read_text())["training"]["config"]
-    labels_only = train(
-        dataset,
-        work / "labels-only",
-        TrainConfig(
-            **{
-                **teacher_config,
-                "windows": tuple(teacher_config["windows"]),
-                "arch": student["name"],
-                "width": student["width"],
-            }
-        ),
-    )
-    labels_test = labels_only.metrics["test"]
+    labels_dir = work / "labels-only"
+    if (labels_dir / "manifest.json").is_file():
+        labels_manifest = json.loads((labels_dir / "manifest.json").read_text())
+        labels_test, labels_seconds = labels_manifest["metrics"]["test"], labels_manifest["training"]["seconds"]
+    else:
+        config = {**teacher_config, "windows": tuple(teacher_config["windows"])}
+        config |= {"arch": student["name"], "width": student["width"]}
+        labels_only = train(dataset, labels_dir, TrainConfig(**config))
+        labels_test, labels_seconds = labels_only.metrics["test"], labels_only.seconds
 
     result = {
         "data": args.data or "embedded default (edgedx data synth, default settings)",
@@ -127,7 +130,7 @@ def main() -> None:
             "test_auc_ci95": labels_test["auc_ci95"],
             "test_sensitivity": labels_test["sensitivity"],
             "test_specificity": labels_test["specificity"],
-            "seconds": round(labels_only.seconds, 1),
+            "seconds": round(labels_seconds, 1),
         },
         "default": {
             "steps": [_summary(row) | {"step": row["step"]} for row in steps["default"]],

@@ -180,3 +180,17 @@ def test_auto_precision_needs_a_device():
         CompressConfig(quantize="auto")
     with pytest.raises(ConfigError, match="use it with --device"):
         CompressConfig(quantize="int8", device="host")
+
+
+def test_quantized_threshold_keeps_the_float_operating_point():
+    from edgedx.compress._pipeline import _matching_threshold, _Stage
+
+    rng = np.random.default_rng(0)
+    float_val = rng.random(400)
+    stage = _Stage("prune", None, 0.5, {"val": float_val, "test": float_val}, {})
+    shifted = float_val * 0.8 + 0.05  # a quantized model whose scores all moved down a little
+    threshold = _matching_threshold(shifted, stage)
+    assert abs(threshold - 0.45) < 0.01
+    assert np.array_equal(shifted >= threshold, float_val >= 0.5)
+    multiclass = _Stage("prune", None, None, {"val": rng.random((10, 3))}, {})
+    assert _matching_threshold(rng.random((10, 3)), multiclass) is None
