@@ -118,7 +118,9 @@ class TestAnatomy:
 
 class TestConfig:
     def test_split_fractions(self):
-        names = study_split(SynthConfig(studies=100))
+        names = study_split(SynthConfig(studies=100))  # default 0.6/0.2/0.2
+        assert (names.count("train"), names.count("val"), names.count("test")) == (60, 20, 20)
+        names = study_split(SynthConfig(studies=100, split=(0.7, 0.15, 0.15)))
         assert (names.count("train"), names.count("val"), names.count("test")) == (70, 15, 15)
 
     def test_bad_config(self):
