@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -138,6 +137,7 @@ def bench(
                 inputs=files[item["bundle_path"]],
                 threads=profile.threads,
                 cpu_affinity=profile.cpu_affinity,
+                # the cap is for the device's runtime; TensorFlow reserves far more address space
                 memory_limit_mb=profile.memory_limit_mb if item["role"] != "keras" else 0,
                 runs=runs,
                 warmup=warmup,
@@ -290,8 +290,3 @@ def import_results(results_file: Path | str, out: Path | str | None = None) -> B
 
 def _profile_fields(device: dict[str, Any]) -> dict[str, Any]:
     return {k: device[k] for k in ("description", "threads", "cpu_affinity", "memory_limit_mb", "budgets")}
-
-
-def kit_command(kit_dir: Path | str) -> list[str]:
-    """How to run a kit (for messages): the runner with this Python."""
-    return [sys.executable, str(Path(kit_dir) / KIT_RUNNER)]

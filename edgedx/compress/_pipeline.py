@@ -129,8 +129,13 @@ def _matching_threshold(scores_val: np.ndarray, float_stage: _Stage) -> float | 
     if scores_val.ndim != 1 or float_stage.threshold is None:
         return float_stage.threshold
     wanted = decisions(float_stage.scores["val"], float_stage.threshold).astype(bool)
+    order = np.argsort(scores_val, kind="stable")
+    ranked, wanted_ranked = scores_val[order], wanted[order]
+    positives_below = np.concatenate([[0], np.cumsum(wanted_ranked)])  # float positives among the i lowest
     candidates = np.unique(np.append(scores_val, float_stage.threshold))
-    agreement = ((scores_val[None, :] >= candidates[:, None]) == wanted[None, :]).mean(axis=1)
+    below = np.searchsorted(ranked, candidates, side="left")  # cases a candidate calls negative
+    # agreement = float positives at or above the candidate + float negatives below it
+    agreement = (positives_below[-1] - positives_below[below]) + (below - positives_below[below])
     best = np.flatnonzero(agreement == agreement.max())
     return float(candidates[best[np.argmin(np.abs(candidates[best] - float_stage.threshold))]])
 
@@ -283,17 +288,7 @@ def compress(
         deploy, q_scores, auto_record = _auto_precision(
             float_model, float_tflite, calibration, current, prepared, manifest, config
         )
-        stage = _Stage(
-            f"quantize-auto:{deploy.mode}",
-            float_model,
-            _matching_threshold(q_scores["val"], current),
-            q_scores,
-            current.arch,
-            tflite=deploy,
-            notes=[auto_record["reason"]],
-        )
-        rows.append(_row(stage, prepared, parent_decisions, time.perf_counter() - began, config.seed))
-        current = stage
+        step_name, notes = f"quantize-auto:{deploy.mode}", [auto_record["reason"]]
     elif config.quantize != "none":
         began = time.perf_counter()
         calibration = representative_samples(prepared.x["train"], config.calibration_samples, config.seed)
@@ -337,15 +332,10 @@ def compress(
                 f"({reference_auc:.4f} -> {reference_auc - drop:.4f}), more than --max-auc-drop "
                 f"{config.max_auc_drop}; no bundle written. Try --qat, more calibration samples, or a larger max drop"
             )
-        stage = _Stage(
-            f"quantize-{config.quantize}",
-            float_model,
-            _matching_threshold(q_scores["val"], current),
-            q_scores,
-            current.arch,
-            tflite=deploy,
-            notes=notes,
-        )
+        step_name = f"quantize-{config.quantize}"
+    if config.quantize != "none":
+        threshold = _matching_threshold(q_scores["val"], current)
+        stage = _Stage(step_name, float_model, threshold, q_scores, current.arch, tflite=deploy, notes=notes)
         rows.append(_row(stage, prepared, parent_decisions, time.perf_counter() - began, config.seed))
         current = stage
 

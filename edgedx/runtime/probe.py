@@ -64,7 +64,7 @@ def peak_rss_mb() -> float:
 def measure(predict_one: PredictFn, predict_all: PredictFn, inputs: np.ndarray, runs: int, warmup: int) -> dict:
     """Probabilities for every input, then ``warmup`` untimed and ``runs`` timed one-image calls."""
     began = time.perf_counter()
-    first = predict_one(inputs[:1])
+    predict_one(inputs[:1])
     first_prediction = time.time()
     first_seconds = time.perf_counter() - began
     scores = predict_all(inputs)
@@ -76,7 +76,6 @@ def measure(predict_one: PredictFn, predict_all: PredictFn, inputs: np.ndarray, 
         t = time.perf_counter()
         predict_one(x)
         latencies[i] = time.perf_counter() - t
-    del first
     return {
         "probabilities": np.asarray(scores, np.float64).tolist(),
         "first_prediction_unix": first_prediction,
