@@ -86,6 +86,9 @@ def test_import_refuses_other_files(tmp_path):
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(DataError, match="not the results of an edgedx kit"):
         import_results(tmp_path / "x.json")
+    (tmp_path / "cut.json").write_text('{"format": "edgedx-kit-results", "kit": {}}')
+    with pytest.raises(DataError, match=r"cut.json: incomplete kit results \(missing machine, models\)"):
+        import_results(tmp_path / "cut.json")
 
 
 def test_runtime_refuses_a_tampered_model(bundles, tmp_path):

@@ -273,6 +273,10 @@ def import_results(results_file: Path | str, out: Path | str | None = None) -> B
         raise DataError(f"{path}: cannot read kit results ({exc})") from None
     if not isinstance(body, dict) or body.get("format") != "edgedx-kit-results":
         raise DataError(f"{path}: not the results of an edgedx kit (run_kit.py writes them)")
+    missing = [key for key in ("kit", "machine", "models") if key not in body]
+    if missing or not body["models"]:
+        absent = ", ".join(missing) or "models"
+        raise DataError(f"{path}: incomplete kit results (missing {absent}); run run_kit.py again")
     kit = body["kit"]
     labels_file = path.parent / kit["labels"]
     if not labels_file.is_file():
