@@ -161,15 +161,20 @@ def modality_lut(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0)
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+def window(hu: np.ndarray, center: float, width: float, out: np.ndarray | None = None) -> np.ndarray:
     """HU -> float32 in [0, 1]: ``center - width/2`` maps to 0, ``center + width/2`` to 1, clipped."""
     lower = center - width / 2.0
-    return np.clip((hu.astype(np.float32) - np.float32(lower)) / np.float32(width), 0.0, 1.0)
+    out = np.subtract(hu.astype(np.float32, copy=False), np.float32(lower), out=out)
+    np.divide(out, np.float32(width), out=out)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def stack_windows(hu: np.ndarray, windows: Sequence[Window]) -> np.ndarray:
     """HU (H, W) -> float32 (H, W, len(windows)), one windowed channel per window."""
-    return np.stack([window(hu, w.center, w.width) for w in windows], axis=-1)
+    channels = np.empty((len(windows), *hu.shape), np.float32)  # contiguous planes, no temporaries
+    for plane, w in zip(channels, windows, strict=True):
+        window(hu, w.center, w.width, out=plane)
+    return np.moveaxis(channels, 0, -1)
 
 
 @lru_cache(maxsize=64)
@@ -194,6 +199,10 @@ def resize_area(image: np.ndarray, height: int, width: int | None = None) -> np.
     if image.ndim not in (2, 3):
         raise DataError(f"resize expects a (H, W) or (H, W, C) image, got shape {image.shape}")
     x = image.astype(np.float32, copy=False)
+    fy, fx = x.shape[0] // height, x.shape[1] // width
+    if fy * height == x.shape[0] and fx * width == x.shape[1]:  # whole-pixel blocks (512 -> 64): block means
+        blocks = x.reshape(height, fy, width, fx, *x.shape[2:])
+        return blocks.mean(axis=(1, 3), dtype=np.float32)
     rows = _area_weights(x.shape[0], height)
     cols = _area_weights(x.shape[1], width)
     out = np.tensordot(rows, x, axes=(1, 0))  # (height, W[, C])
