@@ -21,22 +21,26 @@ from .dataset import SPLITS, Dataset, Split
 MAX_SIDE = 4096
 
 
-def read_dataset(path: Path | str, *, stop_before_pixels: bool = False):
-    """Read a DICOM file; anything that is not readable DICOM becomes a :class:`DicomError`."""
+def read_dataset(source: Path | str | bytes, *, stop_before_pixels: bool = False, name: str | None = None):
+    """Read a DICOM file (a path, or its bytes); anything not readable as DICOM becomes a :class:`DicomError`."""
+    import io
+
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    path = Path(path)
+    if isinstance(source, bytes):
+        target, name = io.BytesIO(source), name or "input"
+    else:
+        target = Path(source)
+        name = name or target.name
     try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(target, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
-        raise DicomError(f"{path.name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
+        raise DicomError(f"{name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
     except FileNotFoundError:
-        raise DicomError(f"{path}: no such file") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise DicomError(
-            f"{path.name}: unreadable DICOM, the file may be truncated ({type(exc).__name__}: {exc})"
-        ) from None
+        raise DicomError(f"{target}: no such file") from None
+    except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError, struct.error) as exc:
+        raise DicomError(f"{name}: unreadable DICOM, the file may be truncated ({type(exc).__name__}: {exc})") from None
 
 
 def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] | None = None) -> np.ndarray:
@@ -60,6 +64,9 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise DicomError(f"{name}: SamplesPerPixel is {samples}; only greyscale (1) images are supported")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(f"{name}: PhotometricInterpretation is {photometric!r}; expected MONOCHROME1 or MONOCHROME2")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise DicomError(f"{name}: {frames} frames; only single-frame images are supported")
@@ -82,7 +89,7 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     image = modality_lut(pixels, slope, intercept)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         image = image.max() + image.min() - image
     return image
 
