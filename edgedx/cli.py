@@ -326,11 +326,6 @@ def info_command(
     console.print("checksums   all files match the manifest")
 
 
-def _not_yet(command: str) -> None:
-    err_console.print(f"edgedx {command} is not implemented yet in edgedx {__version__}.")
-    raise typer.Exit(code=2)
-
-
 class Quantization(str, Enum):
     int8 = "int8"
     float16 = "float16"
@@ -542,10 +537,100 @@ def bench_command(
         raise typer.Exit(code=1)
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def serve_command() -> None:
-    """(Not yet available) Run the on-device inference daemon."""
-    _not_yet("serve")
+@app.command("serve")
+def serve_command(
+    out: Annotated[Path, typer.Option(help="Folder for results, structured reports and the quarantine.")],
+    inbox: Annotated[
+        Path | None, typer.Option(help="Folder the scanner exports DICOM files to; taken once their size is stable.")
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Model bundle to serve (default: the shipped models/headct-ich-int8).")
+    ] = None,
+    dicom_port: Annotated[int | None, typer.Option(help="Listen for DICOM C-STORE and C-ECHO on this port.")] = None,
+    ae_title: Annotated[str, typer.Option(help="This daemon's AE title.")] = "EDGEDX",
+    allow_ae: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated calling AE titles allowed to send (default: any, loopback only)."),
+    ] = None,
+    max_associations: Annotated[int, typer.Option(help="Concurrent DICOM associations.")] = 4,
+    http_port: Annotated[
+        int | None, typer.Option(help="Serve POST /v1/predict, /healthz, /readyz and /metrics on this port.")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; anything but loopback needs a token (HTTP) and --allow-ae.")
+    ] = "127.0.0.1",
+    token_file: Annotated[
+        Path | None, typer.Option(help="File holding the HTTP bearer token (or set EDGEDX_TOKEN).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Inference workers, each with its own interpreter.")] = 2,
+    threads: Annotated[int, typer.Option(help="Interpreter threads per worker.")] = 1,
+    queue_size: Annotated[
+        int, typer.Option(help="Accepted, unfinished inputs at most; beyond it senders hear 'busy'.")
+    ] = 64,
+    max_file_mb: Annotated[float, typer.Option(help="Larger inputs are quarantined (HTTP: refused).")] = 64.0,
+    spool: Annotated[Path | None, typer.Option(help="Durable spool of accepted inputs (default: OUT/.spool).")] = None,
+    stable_seconds: Annotated[
+        float, typer.Option(help="How long an inbox file must keep its size before it is taken.")
+    ] = 1.0,
+    no_sr: Annotated[
+        bool, typer.Option("--no-sr", help="Write JSON results only, no DICOM Structured Reports.")
+    ] = False,
+) -> None:
+    """Run the on-device inference daemon: DICOM in (inbox, C-STORE, HTTP), results out.
+
+    An input is acknowledged only once it is in the daemon's spool on disk; after a crash the
+    restart finishes it, and every accepted input gets exactly one result:
+    OUT/series/<series>/instances/<instance>.json (+ .sr.dcm) and OUT/series/<series>/series.json
+    (maximum over slices). Unusable inputs go to OUT/quarantine with the reason beside them.
+    Instances are named by a hash of their SOP Instance UID: logs and metrics carry no patient data.
+    SIGTERM or Ctrl-C finishes queued work and exits.
+    """
+    import logging
+    import os
+
+    with _user_errors():
+        from .serve import ServeConfig, Service
+
+        token = token_file.read_text().strip() if token_file else os.environ.get("EDGEDX_TOKEN") or None
+        config = ServeConfig(
+            out=out,
+            bundle=bundle,
+            inbox=inbox,
+            spool=spool,
+            host=host,
+            dicom_port=dicom_port,
+            ae_title=ae_title,
+            allow_ae=tuple(a.strip() for a in (allow_ae or "").split(",") if a.strip()),
+            max_associations=max_associations,
+            http_port=http_port,
+            token=token,
+            workers=workers,
+            threads=threads,
+            queue_size=queue_size,
+            max_file_mb=max_file_mb,
+            stable_seconds=stable_seconds,
+            structured_reports=not no_sr,
+        )
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        service = Service(config)
+        service.start()
+        model = service.daemon.models[0]
+        table = Table(title=f"edgedx serve {__version__}", show_header=False)
+        table.add_row(
+            "model", f"{service.bundle.name} ({model.role}, {model.backend}, threshold {model.threshold:.4f})"
+        )
+        table.add_row("workers", f"{workers} x {threads} thread(s), queue {queue_size}")
+        for listener in service.listeners():
+            table.add_row(listener.kind, escape(listener.where))
+        table.add_row("results", escape(str(out)))
+        if service.recovered:
+            table.add_row("recovered", f"{service.recovered} accepted inputs from the spool")
+        err_console.print(table)
+        try:
+            service.wait()
+        finally:
+            drained = service.stop()
+        raise typer.Exit(code=0 if drained else 3)
 
 
 def main() -> None:

@@ -55,9 +55,11 @@ def test_info_refuses_tampered_bundle(tmp_path):
     assert result.exit_code == 1 and "BundleError" in result.output
 
 
-def test_serve_placeholder_says_so():
-    result = runner.invoke(app, ["serve", "anything"])
-    assert result.exit_code == 2 and "not implemented yet" in result.output
+def test_serve_needs_something_to_listen_to(tmp_path):
+    result = runner.invoke(app, ["serve", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "nothing to listen to" in result.output
+    result = runner.invoke(app, ["serve", "--out", str(tmp_path), "--http-port", "8080", "--host", "0.0.0.0"])
+    assert result.exit_code == 1 and "bearer token" in result.output
 
 
 def test_bench_errors_are_one_line(tmp_path):

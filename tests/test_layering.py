@@ -22,6 +22,7 @@ TF_MODULES = ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization"
         "edgedx.runtime",
         "edgedx.runtime.probe",
         "edgedx.devices",
+        "edgedx.serve",
     ],
 )
 def test_module_imports_no_tensorflow(module):

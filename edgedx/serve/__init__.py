@@ -1,0 +1,109 @@
+"""``edgedx serve``: the scanner-side inference daemon (inbox folder, DICOM C-STORE, HTTP).
+
+Runs on the base install: the runtime, pydicom, pynetdicom, highdicom, starlette and uvicorn;
+never TensorFlow. Usage from Python::
+
+    from edgedx.serve import ServeConfig, Service
+
+    with Service(ServeConfig(out=Path("results"), inbox=Path("inbox"), dicom_port=11112)) as service:
+        service.wait()  # until SIGTERM / SIGINT
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from ..bundle import read_bundle
+from .daemon import Daemon, ServeConfig, default_bundle
+from .listeners import HttpServer, InboxWatcher, StoreSCP
+
+__all__ = ["Listener", "ServeConfig", "Service", "default_bundle"]
+
+log = logging.getLogger("edgedx.serve")
+
+
+@dataclass(frozen=True)
+class Listener:
+    kind: str
+    where: str
+
+
+class Service:
+    """The daemon with its listeners; :meth:`start` opens them, :meth:`stop` drains and closes."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.bundle = read_bundle(config.bundle or default_bundle())
+        self.daemon = Daemon(config, self.bundle)
+        self.inbox: InboxWatcher | None = None
+        self.scp: StoreSCP | None = None
+        self.http: HttpServer | None = None
+        self.recovered = 0
+        self._stop = threading.Event()
+
+    def start(self) -> Service:
+        config = self.config
+        self.recovered = self.daemon.start()
+        if config.http_port is not None:
+            self.http = HttpServer(
+                self.daemon, config.host, config.http_port, token=config.token, max_body_mb=config.max_file_mb
+            )
+            self.http.start()
+        if config.dicom_port is not None:
+            self.scp = StoreSCP(
+                self.daemon,
+                config.host,
+                config.dicom_port,
+                ae_title=config.ae_title,
+                allow_ae=config.allow_ae,
+                max_associations=config.max_associations,
+            )
+        if config.inbox is not None:
+            self.inbox = InboxWatcher(
+                self.daemon, config.inbox, stable_seconds=config.stable_seconds, poll_seconds=config.poll_seconds
+            )
+            self.inbox.start()
+        log.info("ready: %s", "; ".join(f"{item.kind} {item.where}" for item in self.listeners()))
+        return self
+
+    def listeners(self) -> list[Listener]:
+        config, found = self.config, []
+        if self.inbox is not None:
+            found.append(Listener("inbox", str(config.inbox)))
+        if self.scp is not None:
+            allowed = ", ".join(config.allow_ae) if config.allow_ae else "any calling AE title"
+            found.append(Listener("dicom", f"{config.ae_title}@{config.host}:{self.scp.port} (from {allowed})"))
+        if self.http is not None:
+            auth = "bearer token" if config.token else "no token (loopback only)"
+            found.append(Listener("http", f"http://{config.host}:{self.http.port} ({auth})"))
+        return found
+
+    def wait(self) -> None:
+        """Block until SIGTERM or SIGINT (main thread only), or :meth:`request_stop`."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        while not self._stop.wait(0.5):
+            pass
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def stop(self) -> bool:
+        """Stop taking inputs, finish what is queued, close the HTTP server last (its callers wait)."""
+        if self.inbox is not None:
+            self.inbox.stop()
+        if self.scp is not None:
+            self.scp.stop()
+        drained = self.daemon.stop()
+        if self.http is not None:
+            self.http.stop()
+        return drained
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

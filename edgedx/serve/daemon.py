@@ -1,0 +1,481 @@
+"""The scanner-side daemon: accepted inputs -> a bounded queue -> runtime workers -> results on disk.
+
+Inputs arrive from the inbox watcher, the DICOM C-STORE SCP and the HTTP API. Inbox and C-STORE
+inputs are spooled to disk before they are acknowledged; HTTP requests are answered in the
+response. Every input takes a slot of a fixed capacity until it is finished, so the backlog held
+in memory never exceeds ``queue_size`` (a full daemon answers 503 or C-STORE 0xA700, and leaves
+inbox files where they are).
+
+This module imports no TensorFlow: only the runtime, pydicom, numpy and highdicom.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import io
+import ipaddress
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two workers at a time)
+
+from ..bundle import Bundle
+from ..data.dicom import image_from_dataset, read_dataset
+from ..errors import ConfigError, DataError, DicomError
+from ..preprocess import to_model_input
+from ..runtime import Model
+from .metrics import Metrics
+from .report import structured_report
+from .storage import (
+    Outputs,
+    Spool,
+    content_key,
+    json_bytes,
+    lock_folder,
+    publish_once,
+    replace_atomically,
+    uid_key,
+)
+
+log = logging.getLogger("edgedx.serve")
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module per report
+
+#: Tags whose values identify a patient; scrubbed from any reason text that could carry them.
+IDENTIFYING_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "AccessionNumber",
+    "InstitutionName",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StudyID",
+)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """What ``edgedx serve`` listens to, where it writes, and its limits."""
+
+    out: Path
+    bundle: Path | None = None  # None: the shipped default (see :func:`default_bundle`)
+    inbox: Path | None = None
+    spool: Path | None = None  # None: OUT/.spool
+    host: str = "127.0.0.1"
+    dicom_port: int | None = None
+    ae_title: str = "EDGEDX"
+    allow_ae: tuple[str, ...] = ()
+    max_associations: int = 4
+    http_port: int | None = None
+    token: str | None = None
+    workers: int = 2
+    threads: int = 1  # interpreter threads per worker
+    queue_size: int = 64
+    max_file_mb: float = 64.0
+    min_side: int = 32
+    stable_seconds: float = 1.0
+    poll_seconds: float = 0.2
+    drain_seconds: float = 30.0
+    structured_reports: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inbox is None and self.dicom_port is None and self.http_port is None:
+            raise ConfigError("nothing to listen to: give --inbox DIR, --dicom-port P and/or --http-port P")
+        for name in ("dicom_port", "http_port"):
+            port = getattr(self, name)
+            if port is not None and not 0 <= port <= 65535:
+                raise ConfigError(f"--{name.replace('_', '-')} must be 0..65535, got {port}")
+        if not is_loopback(self.host):
+            if self.http_port is not None and not self.token:
+                raise ConfigError(
+                    f"HTTP on {self.host} would be open to the network: set a bearer token "
+                    "(EDGEDX_TOKEN or --token-file), or bind 127.0.0.1"
+                )
+            if self.dicom_port is not None and not self.allow_ae:
+                raise ConfigError(
+                    f"DICOM on {self.host} would take images from any AE title: give --allow-ae, or bind 127.0.0.1"
+                )
+        if not 1 <= len(self.ae_title) <= 16:
+            raise ConfigError(f"an AE title has 1 to 16 characters, got {self.ae_title!r}")
+        for name in ("workers", "threads", "queue_size", "max_associations", "min_side"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.inbox is not None and self.inbox.resolve() == self.out.resolve():
+            raise ConfigError("--inbox and --out must be different folders")
+
+
+class Busy(Exception):
+    """Every slot of the queue is taken."""
+
+
+class Capacity:
+    """A counter of accepted, unfinished inputs; acceptance fails when it reaches its limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self.used >= self.limit:
+                return False
+            self.used += 1
+            return True
+
+    def force_acquire(self) -> None:
+        """For inputs already accepted before a restart: they are on disk and must be finished."""
+        with self._lock:
+            self.used += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.used -= 1
+
+
+@dataclass
+class _Job:
+    source: str
+    received: float  # time.monotonic()
+    path: Path | None = None  # a spooled input
+    payload: bytes | None = None  # an HTTP input, answered through ``future``
+    future: concurrent.futures.Future | None = field(default=None, repr=False)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def redact(text: str, ds: Any) -> str:
+    """``text`` with the values of identifying tags of ``ds`` (when readable) replaced."""
+    if ds is None:
+        return text
+    for tag in IDENTIFYING_TAGS:
+        try:
+            value = ds.get(tag)
+        except Exception:  # a broken element must not stop the scrubbing of the others
+            continue
+        for part in value if isinstance(value, (list, tuple)) else [value]:
+            words = {str(part)} | set(str(part).replace("^", " ").split())
+            for word in sorted((w for w in words if len(w) >= 3), key=len, reverse=True):
+                text = text.replace(word, "[redacted]")
+    return text
+
+
+class Daemon:
+    """The worker pool, the queue and the outputs; listeners feed it with :meth:`accept_spooled` and
+    :meth:`submit`. Use :meth:`start` and :meth:`stop`, or :func:`edgedx.serve.run`.
+    """
+
+    def __init__(self, config: ServeConfig, bundle: Bundle) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.models = [Model.load(bundle, threads=config.threads) for _ in range(config.workers)]
+        model = self.models[0]
+        if bundle.manifest["task"]["kind"] != "binary":
+            raise ConfigError(
+                f"{bundle.path}: serve combines slices with the any-positive rule, which needs a binary model"
+            )
+        self.role, self.threshold = model.role, model.threshold
+        self.model_record = {
+            "name": bundle.name,
+            "role": model.role,
+            "sha256": bundle.manifest["models"][model.role]["sha256"],
+        }
+        self.modalities = bundle.manifest["input"].get("modality")
+        self._lock = lock_folder(config.out)
+        self.spool = Spool(config.spool or config.out / ".spool")
+        self.outputs = Outputs(config.out)
+        self.capacity = Capacity(config.queue_size)
+        self.metrics = Metrics(lambda: self.capacity.used, bundle.name, model.role, model.backend)
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.draining = False
+        self.ready = False
+        self._workers: list[threading.Thread] = []
+        self._series_cache: dict[str, dict[str, dict[str, Any]]] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> int:
+        """Start the workers and queue what a previous run accepted but did not finish; returns that count."""
+        for model in self.models:  # the interpreter's first call is slow; make it now, not on a scan
+            spec = model.spec
+            model.predict_inputs(np.zeros((1, spec.size, spec.size, spec.channels), np.float32))
+        recovered = self.spool.waiting()
+        for path in recovered:
+            self.capacity.force_acquire()
+            self.jobs.put(_Job(source=Spool.describe(path)[1], received=time.monotonic(), path=path))
+        for index, model in enumerate(self.models):
+            worker = threading.Thread(target=self._work, args=(model,), name=f"edgedx-worker-{index}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self.ready = True
+        if recovered:
+            log.info("recovered %d accepted inputs from the spool", len(recovered))
+        return len(recovered)
+
+    def stop(self) -> bool:
+        """Stop accepting, finish what is queued (up to ``drain_seconds``), stop the workers.
+
+        Returns True if everything queued was finished; spooled inputs that were not stay on disk
+        for the next start.
+        """
+        self.draining, self.ready = True, False
+        for _ in self._workers:
+            self.jobs.put(None)  # after everything already queued
+        deadline = time.monotonic() + self.config.drain_seconds
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(w.is_alive() for w in self._workers)
+        self._lock.close()
+        log.info("stopped: %s", "queue drained" if drained else "drain timed out; unfinished inputs stay spooled")
+        return drained
+
+    # -- intake ---------------------------------------------------------------------------------------
+    def accept_spooled(self, path: Path, source: str) -> None:
+        """Queue an input already spooled by a listener that holds a capacity slot for it."""
+        self.jobs.put(_Job(source=source, received=time.monotonic(), path=path))
+        log.info("accepted instance=%s source=%s", Spool.describe(path)[0], source)
+
+    def reserve(self, source: str) -> bool:
+        """Take a slot for a new input; False (and counted as busy) when the daemon is full or stopping."""
+        if not self.draining and self.capacity.try_acquire():
+            return True
+        self.metrics.count(source, "busy")
+        return False
+
+    def submit(self, payload: bytes) -> concurrent.futures.Future:
+        """An HTTP input: predicted in memory; the future gives the result record or raises DataError.
+
+        Raises:
+            Busy: the queue is full or the daemon is stopping.
+        """
+        if not self.reserve("http"):
+            raise Busy
+        job = _Job(source="http", received=time.monotonic(), payload=payload, future=concurrent.futures.Future())
+        self.jobs.put(job)
+        return job.future
+
+    # -- work -----------------------------------------------------------------------------------------
+    def _work(self, model: Model) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                if job.path is not None:
+                    self._finish_spooled(model, job)
+                else:
+                    self._answer(model, job)
+            except Exception:  # a bug must not kill the worker; the input stays spooled for a restart
+                log.exception("internal error on a %s input", job.source)
+                self.metrics.count(job.source, "error")
+            finally:
+                self.capacity.release()
+
+    def _predict(self, model: Model, ds: Any, key: str) -> dict[str, Any]:
+        """Check a dataset and run the model on it; DicomError says why it cannot be used."""
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if 0 < min(rows, cols) < self.config.min_side:
+            raise DicomError(f"{key}: image is {rows} x {cols}; expected at least {self.config.min_side} a side")
+        began = time.perf_counter()
+        image = image_from_dataset(ds, name=key, modalities=self.modalities)
+        decoded = time.perf_counter()
+        record = self._run_model(model, to_model_input(image, model.spec))
+        record["timings_ms"]["decode"] = round((decoded - began) * 1e3, 3)
+        return record
+
+    def _run_model(self, model: Model, model_input: np.ndarray) -> dict[str, Any]:
+        began = time.perf_counter()
+        probability = float(model.predict_inputs(model_input[None])[0])
+        seconds = time.perf_counter() - began
+        self.metrics.inference.observe(seconds)
+        decision = int(self.threshold is not None and probability >= self.threshold)
+        return {
+            "probability": probability,
+            "decision": decision,
+            "label": model.class_names[decision],
+            "threshold": self.threshold,
+            "model": self.model_record,
+            "timings_ms": {"inference": round(seconds * 1e3, 3)},
+        }
+
+    def _finish_spooled(self, model: Model, job: _Job) -> None:
+        path, config = job.path, self.config
+        key, source = Spool.describe(path)
+        done = self.outputs.finished(key)
+        if done is not None or not path.exists():
+            # Sent twice, or a restart after the result was written: one result, already there.
+            if done is not None and done.parent.name == "instances":
+                self._update_series(done.parent.parent.name, None)
+            path.unlink(missing_ok=True)
+            self.metrics.count(source, "duplicate")
+            log.info("duplicate instance=%s source=%s: result already published", key, source)
+            return
+        ds = None
+        try:
+            size = path.stat().st_size
+            if size > config.max_file_mb * 1e6:
+                raise DicomError(f"{key}: file is {size / 1e6:.1f} MB, over the {config.max_file_mb:g} MB limit")
+            ds = read_dataset(path, name=key)
+            record = self._predict(model, ds, key)
+            series = uid_key(str(ds.get("SeriesInstanceUID", "") or key))
+            record |= {
+                "schema": "edgedx.instance-result/1",
+                "instance": key,
+                "series": series,
+                "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+                "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+                "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+                "source": source,
+                "completed": _now(),
+            }
+            report = self._report_bytes(ds, record) if config.structured_reports else None
+        except DicomError as exc:
+            self._quarantine(path, key, source, redact(str(exc), ds))
+            return
+        except Exception as exc:  # e.g. a decoder crashing on hostile data: one input, not the daemon
+            log.error("internal error on instance=%s: %s", key, redact(traceback.format_exc(), ds))
+            self._quarantine(path, key, source, f"{key}: could not be processed ({type(exc).__name__})")
+            return
+        record["timings_ms"]["total"] = round((time.monotonic() - job.received) * 1e3, 3)
+        folder = self.outputs.instance_folder(series)
+        if report is not None:  # before the JSON: a published JSON means the instance is done
+            publish_once(folder / f"{key}.sr.dcm", report)
+        if publish_once(folder / f"{key}.json", json_bytes(record)):
+            self.metrics.processing.labels(source=source).observe(time.monotonic() - job.received)
+            self.metrics.count(source, "positive" if record["decision"] else "negative")
+            log.info(
+                "result instance=%s series=%s p=%.4f decision=%s ms=%.1f",
+                key,
+                series,
+                record["probability"],
+                record["label"],
+                record["timings_ms"]["total"],
+            )
+        self._update_series(series, record)
+        path.unlink(missing_ok=True)
+
+    def _report_bytes(self, ds: Any, record: dict[str, Any]) -> bytes:
+        buffer = io.BytesIO()
+        structured_report(ds, record, self.bundle).save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    def _quarantine(self, path: Path, key: str, source: str, reason: str) -> None:
+        record = {"schema": "edgedx.quarantine/1", "instance": key, "source": source, "reason": reason}
+        record["quarantined"] = _now()
+        self.outputs.quarantine_input(path, key, record)
+        path.unlink(missing_ok=True)
+        self.metrics.count(source, "quarantined")
+        log.warning("quarantined instance=%s source=%s reason=%s", key, source, reason)
+
+    def _update_series(self, series: str, record: dict[str, Any] | None) -> None:
+        """Rewrite the series result: maximum over its instances (the RSNA "any hemorrhage" rule)."""
+        with self.outputs.series_lock(series):
+            instances = self._series_cache.get(series)
+            if instances is None:  # first time this run: what earlier runs published
+                folder = self.outputs.instance_folder(series)
+                instances = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
+                self._series_cache[series] = instances
+            if record is not None:
+                instances[record["instance"]] = record
+            if not instances:
+                return
+            top = max(instances.values(), key=lambda r: r["probability"])
+            decision = int(self.threshold is not None and top["probability"] >= self.threshold)
+            summary = {
+                "schema": "edgedx.series-result/1",
+                "series": series,
+                "series_instance_uid": top["series_instance_uid"],
+                "study_instance_uid": top["study_instance_uid"],
+                "rule": "maximum over instances (RSNA any-hemorrhage)",
+                "instances": len(instances),
+                "probability": top["probability"],
+                "decision": decision,
+                "label": self.models[0].class_names[decision],
+                "threshold": self.threshold,
+                "top_instance": top["instance"],
+                "probabilities": {k: r["probability"] for k, r in sorted(instances.items())},
+                "model": self.model_record,
+                "updated": _now(),
+            }
+            replace_atomically(self.outputs.series_root / series / "series.json", json_bytes(summary))
+
+    def _answer(self, model: Model, job: _Job) -> None:
+        """An HTTP input: a DICOM file or an ``.npy`` array (a 2-D image, or an already preprocessed input)."""
+        data, ds = job.payload, None
+        try:
+            if data.startswith(b"\x93NUMPY"):
+                key = content_key(data)
+                record = self._run_model(model, self._array_input(model, data))
+            else:
+                ds = read_dataset(data, name="upload")
+                key = uid_key(str(ds.get("SOPInstanceUID", ""))) if ds.get("SOPInstanceUID") else content_key(data)
+                record = self._predict(model, ds, key)
+        except DataError as exc:
+            reason = redact(str(exc), ds)
+            self.metrics.count("http", "refused")
+            log.warning("refused an HTTP input: %s", reason)
+            job.future.set_exception(DataError(reason))
+            return
+        record |= {"instance": key, "completed": _now()}
+        record["timings_ms"]["total"] = round((time.monotonic() - job.received) * 1e3, 3)
+        self.metrics.processing.labels(source="http").observe(time.monotonic() - job.received)
+        self.metrics.count("http", "positive" if record["decision"] else "negative")
+        job.future.set_result(record)
+
+    def _array_input(self, model: Model, data: bytes) -> np.ndarray:
+        try:
+            array = np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"upload: not a readable .npy array ({exc})") from None
+        if array.dtype.kind not in "fiub":
+            raise DataError(f"upload: array of {array.dtype} is not numeric")
+        spec = model.spec
+        if array.ndim == 2:
+            if min(array.shape) < self.config.min_side or max(array.shape) > 4096:
+                raise DataError(f"upload: image is {array.shape}; expected {self.config.min_side}..4096 a side")
+            return to_model_input(array.astype(np.float32), spec)
+        if array.shape == (spec.size, spec.size, spec.channels):
+            return array.astype(np.float32)
+        raise DataError(
+            f"upload: array has shape {array.shape}; send a 2-D image or a preprocessed "
+            f"({spec.size}, {spec.size}, {spec.channels}) input"
+        )
+
+
+def default_bundle() -> Path:
+    """The shipped head-CT int8 bundle: ``$EDGEDX_MODELS``, ``./models``, the install's share folder, the repo."""
+    import sys
+
+    name = "headct-ich-int8"
+    folders = [Path(p) for p in os.environ.get("EDGEDX_MODELS", "").split(os.pathsep) if p]
+    folders += [
+        Path.cwd() / "models",
+        Path(sys.prefix) / "share" / "edgedx" / "models",
+        Path(__file__).resolve().parents[2] / "models",
+    ]
+    for folder in folders:
+        if (folder / name / "manifest.json").is_file():
+            return folder / name
+    raise ConfigError(f"no --bundle given and the default {name} was not found in {', '.join(map(str, folders))}")

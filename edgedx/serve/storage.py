@@ -1,0 +1,197 @@
+"""The daemon's disk: a durable spool of accepted inputs, no-clobber result files, a quarantine.
+
+Crash safety rests on three rules:
+
+- An input is *accepted* once its bytes are in ``spool/pending`` (written to a temporary file,
+  fsynced, renamed in, directory fsynced). Only then is the sender told so (C-STORE success, or
+  the file removed from the inbox).
+- A result is published with ``link()`` from a fsynced temporary file, which fails if the result
+  already exists: a result file is never written twice, whatever crashed when.
+- A pending input is removed only after its result (or its quarantine record) is on disk. After
+  ``kill -9`` the restart finds the input still pending, sees its result already there and just
+  removes it: one accepted input, one result.
+
+Instances are named by a hash of their SOP Instance UID (inputs too broken to have one, by a hash
+of their bytes), never by anything that could identify a patient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("inbox", "cstore", "http")
+
+
+def uid_key(uid: str) -> str:
+    """The name logs, metrics and files use for a DICOM UID: 16 hex digits of its SHA-256."""
+    return hashlib.sha256(uid.strip().encode()).hexdigest()[:16]
+
+
+def content_key(data: bytes) -> str:
+    """The name of an input with no readable SOP Instance UID: ``x`` + 15 hex digits of its bytes' SHA-256."""
+    return "x" + hashlib.sha256(data).hexdigest()[:15]
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temporary(folder: Path, name: str) -> Path:
+    return folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a part (summaries)."""
+    tmp = _temporary(path.parent, path.name)
+    _write_synced(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` atomically unless it exists; False (nothing written) if it did."""
+    tmp = _temporary(path.parent, path.name)
+    _write_synced(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+    fsync_dir(path.parent)
+    return True
+
+
+def json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, indent=2, sort_keys=True) + "\n").encode()
+
+
+class Spool:
+    """Accepted inputs waiting for a result: ``ROOT/pending/<key>~<source>.dcm``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.pending = root / "pending"
+        self.pending.mkdir(parents=True, exist_ok=True)
+        for stale in self.pending.glob(".*.tmp"):  # a write a crash interrupted: never acknowledged
+            stale.unlink(missing_ok=True)
+
+    def accept(self, key: str, source: str, data: bytes) -> Path:
+        """Put an input's bytes durably in the spool; from here on it is the daemon's to finish."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}")
+        path = self.pending / f"{key}~{source}.dcm"
+        replace_atomically(path, data)
+        return path
+
+    def accept_file(self, key: str, source: str, file: Path) -> Path:
+        """Copy a file into the spool durably (the inbox may be on another file system)."""
+        path = self.pending / f"{key}~{source}.dcm"
+        tmp = _temporary(self.pending, path.name)
+        with open(file, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.pending)
+        return path
+
+    def waiting(self) -> list[Path]:
+        """Pending inputs, oldest first (what a restart must finish)."""
+        files = [p for p in self.pending.glob("*~*.dcm")]
+        return sorted(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+    @staticmethod
+    def describe(path: Path) -> tuple[str, str]:
+        """(key, source) of a pending file."""
+        key, _, source = path.stem.partition("~")
+        return key, source
+
+
+def lock_folder(folder: Path):
+    """Hold an exclusive lock on ``folder`` for this process's life; ConfigError if another has it."""
+    import fcntl
+
+    from ..errors import ConfigError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"{folder} is in use by another edgedx serve; give each daemon its own --out") from None
+    return handle
+
+
+class Outputs:
+    """Where results go: ``OUT/series/<series>/{series.json, instances/<key>.json, <key>.sr.dcm}``
+    and ``OUT/quarantine/<key>.dcm`` with ``<key>.json`` giving the reason.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.series_root = root / "series"
+        self.quarantine = root / "quarantine"
+        for folder in (self.series_root, self.quarantine):
+            folder.mkdir(parents=True, exist_ok=True)
+        # Temporary files a crash left half-written: never published, safe to drop (the lock below
+        # keeps a second daemon off this folder).
+        for stale in [*root.glob("series/**/.*.tmp"), *self.quarantine.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def instance_folder(self, series: str) -> Path:
+        folder = self.series_root / series / "instances"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def instance_result(self, series: str, key: str) -> Path:
+        return self.instance_folder(series) / f"{key}.json"
+
+    def finished(self, key: str) -> Path | None:
+        """The result or quarantine record an instance already has, if any."""
+        record = self.quarantine / f"{key}.json"
+        if record.exists():
+            return record
+        return next(self.series_root.glob(f"*/instances/{key}.json"), None)
+
+    @contextlib.contextmanager
+    def series_lock(self, series: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(series, threading.Lock())
+        with lock:
+            yield
+
+    def quarantine_input(self, pending: Path, key: str, record: dict[str, Any]) -> bool:
+        """Move a pending input to the quarantine with its reason beside it; False if already there."""
+        if not publish_once(self.quarantine / f"{key}.json", json_bytes(record)):
+            return False
+        target = self.quarantine / f"{key}.dcm"
+        try:
+            os.replace(pending, target)
+        except OSError:  # another file system: copy, then the caller removes the pending file
+            shutil.copyfile(pending, target)
+        fsync_dir(self.quarantine)
+        return True

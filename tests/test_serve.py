@@ -1,0 +1,368 @@
+"""The daemon: C-STORE, inbox, HTTP, quarantine, back-pressure, crash safety, no PHI in its output.
+
+Everything here runs on the base install (no TensorFlow) with the shipped default bundle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEG2000Lossless
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from serve_kit import PHI_STRINGS, DaemonProcess, free_port, instances
+
+from edgedx.errors import ConfigError
+from edgedx.serve import ServeConfig, Service
+from edgedx.serve.storage import uid_key
+
+
+@pytest.fixture
+def service(tmp_path):
+    config = ServeConfig(
+        out=tmp_path / "out", inbox=tmp_path / "inbox", dicom_port=0, http_port=0, allow_ae=("SCANNER",)
+    )
+    config = ServeConfig(**{**config.__dict__, "stable_seconds": 0.3, "poll_seconds": 0.05})
+    with Service(config) as running:
+        yield running
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def results(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("series/*/instances/*.json")}
+
+
+def quarantined(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (out / "quarantine").glob("*.json")}
+
+
+def send(port: int, datasets, *, calling: str = "SCANNER"):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="EDGEDX")
+    if not assoc.is_established:
+        return None
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.release()
+    return statuses
+
+
+def test_cstore_loopback_gives_instance_and_series_results(service, tiny_headct):
+    study = instances(tiny_headct, 6, per_series=3, tag="loopback")
+    assert send(service.scp.port, study) == [0x0000] * 6
+    out = service.config.out
+    found = wait_for(lambda: len(results(out)) == 6 and results(out), what="six results")
+    assert set(found) == {uid_key(ds.SOPInstanceUID) for ds in study}
+    for key, record in found.items():
+        assert record["sop_instance_uid"] in {ds.SOPInstanceUID for ds in study}
+        assert 0 <= record["probability"] <= 1 and record["decision"] in (0, 1)
+        assert record["model"]["name"] == "headct-ich-int8" and len(record["model"]["sha256"]) == 64
+        report = pydicom.dcmread(out / "series" / record["series"] / "instances" / f"{key}.sr.dcm")
+        referenced = report.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+        assert referenced.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == record["sop_instance_uid"]
+    series = [json.loads(p.read_text()) for p in out.glob("series/*/series.json")]
+    assert len(series) == 2 and all(s["instances"] == 3 for s in series)
+    for summary in series:  # any-positive rule: the series takes its most suspicious slice
+        assert summary["probability"] == max(summary["probabilities"].values())
+        assert summary["decision"] == int(summary["probability"] >= summary["threshold"])
+
+
+def test_cecho_and_ae_allow_list(service):
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", service.scp.port, ae_title="EDGEDX")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    intruder = AE(ae_title="INTRUDER")
+    intruder.add_requested_context(Verification)
+    assoc = intruder.associate("127.0.0.1", service.scp.port, ae_title="EDGEDX")
+    assert assoc.is_rejected
+
+
+def test_inbox_waits_for_complete_files(service, tiny_headct):
+    ds = instances(tiny_headct, 1, tag="inbox")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    inbox, out = service.config.inbox, service.config.out
+    partial = inbox / "upload.dcm.part"  # renamed in when complete: never touched before
+    partial.write_bytes(data)
+    growing = inbox / "growing.dcm"  # a slow writer: 8 pieces 0.15 s apart (stable_seconds is 0.3)
+    pieces = np.array_split(np.frombuffer(data, np.uint8), 8)
+    for piece in pieces:
+        with open(growing, "ab") as f:
+            f.write(piece.tobytes())
+        time.sleep(0.15)
+        assert growing.exists() and not results(out) and not quarantined(out)
+    time.sleep(0.5)
+    assert partial.exists()
+    wait_for(lambda: not growing.exists(), what="the grown file to be taken")
+    partial.rename(inbox / "upload.dcm")
+    wait_for(lambda: not (inbox / "upload.dcm").exists(), what="the renamed file to be taken")
+    found = wait_for(lambda: results(out), what="a result")
+    time.sleep(0.5)
+    assert list(found) == [uid_key(ds.SOPInstanceUID)] and not quarantined(out)  # the same instance twice: one result
+
+
+def _malformed(tiny_headct: Path, folder: Path) -> dict[str, bytes]:
+    """Files the daemon must quarantine, by what is wrong with them."""
+    good = instances(tiny_headct, 9, tag="bad")
+
+    def encoded(ds) -> bytes:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    whole = encoded(good[0])
+    no_pixels = good[1]
+    del no_pixels.PixelData
+    huge = good[2]
+    huge.Rows, huge.Columns = 60000, 60000
+    mr = good[3]
+    mr.Modality = "MR"
+    rgb = good[4]
+    rgb.PhotometricInterpretation = "PALETTE COLOR"
+    tiny = good[5]
+    tiny.Rows = tiny.Columns = 8
+    tiny.PixelData = np.zeros((8, 8), np.int16).tobytes()
+    j2k = good[6]
+    j2k.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    j2k.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    good[7].TextValue = "a note"  # (0040,A160) UT: a 4-byte length, declared below as nearly 2 GB
+    absurd_length = bytearray(encoded(good[7]))
+    marker = absurd_length.find(b"\x40\x00\x60\xa1UT")
+    absurd_length[marker + 8 : marker + 12] = (0x7FFFFFF0).to_bytes(4, "little")  # swallows the pixel data
+    return {
+        "truncated": whole[: len(whole) // 3],
+        "not-dicom": b"%PDF-1.4 this is not an image\n" * 50,
+        "empty": b"",
+        "no-pixel-data": encoded(no_pixels),
+        "absurd-dimensions": encoded(huge),
+        "wrong-modality": encoded(mr),
+        "palette-colour": encoded(rgb),
+        "too-small": encoded(tiny),
+        "undecodable-jpeg2000": encoded(j2k),
+        "absurd-declared-length": bytes(absurd_length),
+    }
+
+
+def test_malformed_corpus_is_quarantined_and_the_daemon_lives(service, tiny_headct, tmp_path):
+    corpus = _malformed(tiny_headct, tmp_path)
+    inbox, out = service.config.inbox, service.config.out
+    for name, data in corpus.items():
+        (inbox / f"{name}.dcm").write_bytes(data)
+    found = wait_for(lambda: len(quarantined(out)) == len(corpus) and quarantined(out), what="every file quarantined")
+    reasons = sorted(r["reason"] for r in found.values())
+    assert all(r and r.split(": ", 1)[0] for r in reasons)
+    for expected in (
+        "not a DICOM file",
+        "no pixel data",
+        "image is 60000 x 60000",
+        "Modality is 'MR'",
+        "PhotometricInterpretation is 'PALETTE COLOR'",
+        "expected at least 32",
+        "cannot decode",
+    ):
+        assert any(expected in r for r in reasons), (expected, reasons)
+    assert any("truncated" in r for r in reasons)
+    assert all((out / "quarantine" / f"{key}.dcm").exists() for key in found)
+    assert not results(out)
+    # still alive and working
+    good = instances(tiny_headct, 1, tag="after-bad")
+    assert send(service.scp.port, good) == [0x0000]
+    wait_for(lambda: len(results(out)) == 1, what="a result after the corpus")
+    assert httpx.get(f"http://127.0.0.1:{service.http.port}/healthz").status_code == 200
+
+
+def test_http_predict_dicom_and_npy(service, tiny_headct):
+    url = f"http://127.0.0.1:{service.http.port}"
+    ds = instances(tiny_headct, 1, tag="http")[0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    answer = httpx.post(f"{url}/v1/predict", content=buffer.getvalue(), timeout=30)
+    assert answer.status_code == 200, answer.text
+    record = answer.json()
+    assert record["instance"] == uid_key(ds.SOPInstanceUID) and 0 <= record["probability"] <= 1
+    array = io.BytesIO()
+    np.save(array, ds.pixel_array.astype(np.float32) - 1024)
+    from_array = httpx.post(f"{url}/v1/predict", content=array.getvalue(), timeout=30).json()
+    assert from_array["probability"] == pytest.approx(record["probability"], abs=1e-6)  # same image, same answer
+    wrong = io.BytesIO()
+    np.save(wrong, np.zeros((3, 3, 3, 3), np.float32))
+    refused = httpx.post(f"{url}/v1/predict", content=wrong.getvalue(), timeout=30)
+    assert refused.status_code == 422 and "shape" in refused.json()["error"]
+    assert httpx.get(f"{url}/readyz").json()["ready"] is True
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'edgedx_inputs_total{outcome="refused",source="http"} 1.0' in metrics
+    assert "edgedx_inference_seconds_bucket" in metrics and "edgedx_queue_depth" in metrics
+
+
+def test_full_queue_answers_busy(tmp_path, tiny_headct):
+    config = ServeConfig(out=tmp_path / "out", dicom_port=0, http_port=0, queue_size=2)
+    with Service(config) as service:
+        for _ in range(2):  # fill every slot, as two inputs still being worked on would
+            assert service.daemon.reserve("http")
+        answer = httpx.post(f"http://127.0.0.1:{service.http.port}/v1/predict", content=b"x")
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert httpx.get(f"http://127.0.0.1:{service.http.port}/readyz").status_code == 503
+        ds = instances(tiny_headct, 1, tag="busy")
+        assert send(service.scp.port, ds, calling="ANY") == [0xA700]  # out of resources
+        assert not list((config.out / ".spool" / "pending").iterdir())  # refused means not accepted
+        service.daemon.capacity.release()
+        service.daemon.capacity.release()
+
+
+def test_token_is_required_off_loopback_and_checked(tmp_path):
+    with pytest.raises(ConfigError, match="bearer token"):
+        ServeConfig(out=tmp_path, http_port=0, host="0.0.0.0")
+    with pytest.raises(ConfigError, match="--allow-ae"):
+        ServeConfig(out=tmp_path, dicom_port=0, host="0.0.0.0")
+    with Service(ServeConfig(out=tmp_path / "out", http_port=0, token="s3cret")) as service:
+        url = f"http://127.0.0.1:{service.http.port}"
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(f"{url}/healthz").status_code == 200  # liveness stays open for the supervisor
+
+
+def test_restart_finishes_spooled_inputs_once(tmp_path, tiny_headct):
+    """An input spooled before a crash gets its result on restart; one already answered is not redone."""
+    out = tmp_path / "out"
+    first, second = instances(tiny_headct, 2, tag="restart")
+    pending = out / ".spool" / "pending"
+    pending.mkdir(parents=True)
+    for ds in (first, second):
+        ds.save_as(pending / f"{uid_key(ds.SOPInstanceUID)}~cstore.dcm", enforce_file_format=True)
+    with Service(ServeConfig(out=out, http_port=0)) as service:
+        assert service.recovered == 2
+        wait_for(lambda: len(results(out)) == 2, what="both recovered results")
+        done = results(out)
+    # the crash came after the result was published but before the spool was cleared
+    second.save_as(pending / f"{uid_key(second.SOPInstanceUID)}~cstore.dcm", enforce_file_format=True)
+    with Service(ServeConfig(out=out, http_port=0)) as service:
+        wait_for(lambda: not list(pending.glob("*.dcm")), what="the spool to empty")
+        assert 'outcome="duplicate"' in service.daemon.metrics.render().decode()
+    assert results(out) == done  # not rewritten
+
+
+def _daemon_args(tmp_path: Path, dicom_port: int, http_port: int) -> list[str]:
+    return [
+        "--out", str(tmp_path / "out"), "--inbox", str(tmp_path / "inbox"), "--dicom-port", str(dicom_port),
+        "--http-port", str(http_port), "--stable-seconds", "0.3", "--allow-ae", "SCANNER",
+    ]  # fmt: skip
+
+
+def _store_until_acknowledged(port: int, datasets, stop_at: float) -> None:
+    """A scanner's behaviour: resend each instance until the daemon acknowledges it."""
+    pending = list(datasets)
+    while pending and time.monotonic() < stop_at:
+        try:
+            statuses = send(port, pending[:10])
+        except Exception:
+            statuses = None
+        if statuses is None:
+            time.sleep(0.2)
+            continue
+        acknowledged = [ds for ds, status in zip(pending, statuses, strict=False) if status == 0x0000]
+        pending = [ds for ds in pending if ds not in acknowledged]
+    assert not pending, f"{len(pending)} instances never acknowledged"
+
+
+def test_kill_9_loses_nothing_and_duplicates_nothing(tmp_path, tiny_headct):
+    """kill -9 the daemon over and over while 500 instances flow in through the inbox and C-STORE."""
+    import random
+    import threading
+
+    rng = random.Random(0)
+    by_inbox, by_cstore = instances(tiny_headct, 250, tag="crash-inbox"), instances(tiny_headct, 250, tag="crash-cs")
+    dicom_port, http_port = free_port(), free_port()
+    daemon = DaemonProcess(_daemon_args(tmp_path, dicom_port, http_port), tmp_path / "daemon.log")
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    daemon.launch()
+
+    def export_to_inbox():
+        for i, ds in enumerate(by_inbox):
+            ds.save_as(inbox / f"{i:04d}.dcm.part", enforce_file_format=True)
+            (inbox / f"{i:04d}.dcm.part").rename(inbox / f"{i:04d}.dcm")
+            time.sleep(0.005)
+
+    feeders = [
+        threading.Thread(target=export_to_inbox),
+        threading.Thread(target=_store_until_acknowledged, args=(dicom_port, by_cstore, time.monotonic() + 300)),
+    ]
+    for feeder in feeders:
+        feeder.start()
+    kills = 0
+    while any(f.is_alive() for f in feeders) or kills < 6:
+        time.sleep(rng.uniform(0.5, 2.0))
+        daemon.kill()
+        kills += 1
+        daemon.launch()
+    for feeder in feeders:
+        feeder.join()
+    expected = {uid_key(ds.SOPInstanceUID) for ds in by_inbox + by_cstore}
+    wait_for(lambda: not list(inbox.glob("*.dcm")) and len(results(out)) >= len(expected), timeout=180,
+             what="every instance to have a result")  # fmt: skip
+    assert daemon.terminate() == 0
+    found = results(out)
+    assert set(found) == expected  # nothing lost, nothing extra
+    assert {r["instance"] for r in found.values()} == expected and not quarantined(out)
+    series_total = sum(json.loads(p.read_text())["instances"] for p in out.glob("series/*/series.json"))
+    assert series_total == len(expected)
+    assert not list((out / ".spool" / "pending").iterdir())
+    assert not [p for p in out.rglob(".*.tmp")]
+    log = (tmp_path / "daemon.log").read_text()
+    assert kills >= 6 and log.count("ready:") == kills + 1
+
+
+def test_sigterm_drains_and_no_phi_reaches_logs_metrics_or_results(tmp_path, tiny_headct):
+    """Known names planted in every input (good and malformed) appear in no log line, metric or JSON."""
+    dicom_port, http_port = free_port(), free_port()
+    daemon = DaemonProcess(_daemon_args(tmp_path, dicom_port, http_port), tmp_path / "daemon.log")
+    (tmp_path / "inbox").mkdir()
+    daemon.launch()
+    good = instances(tiny_headct, 8, tag="phi")
+    assert send(dicom_port, good[:4]) == [0x0000] * 4
+    for i, ds in enumerate(good[4:]):
+        ds.save_as(tmp_path / "inbox" / f"{i}.dcm", enforce_file_format=True)
+    for name, data in _malformed(tiny_headct, tmp_path).items():
+        (tmp_path / "inbox" / f"{name}.dcm").write_bytes(data)
+    url = f"http://127.0.0.1:{http_port}"
+    buffer = io.BytesIO()
+    good[0].save_as(buffer, enforce_file_format=True)
+    assert httpx.post(f"{url}/v1/predict", content=buffer.getvalue(), timeout=30).status_code == 200
+    bad = io.BytesIO()
+    broken = instances(tiny_headct, 1, tag="phi-bad")[0]
+    broken.Modality = "MR"
+    broken.save_as(bad, enforce_file_format=True)
+    assert httpx.post(f"{url}/v1/predict", content=bad.getvalue(), timeout=30).status_code == 422
+    out = tmp_path / "out"
+    wait_for(lambda: len(results(out)) == 8 and len(quarantined(out)) == 10, timeout=60, what="all outputs")
+    metrics = httpx.get(f"{url}/metrics").text
+    assert daemon.terminate() == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert "stopped: queue drained" in log
+    texts = {"log": log, "metrics": metrics}
+    texts |= {str(p): p.read_text() for p in out.rglob("*.json")}
+    leaks = [(where, s) for where, text in texts.items() for s in PHI_STRINGS if s.lower() in text.lower()]
+    assert not leaks
+    # The names really went through the daemon: the SRs, made for the PACS, carry the patient module.
+    report = pydicom.dcmread(next(out.rglob("*.sr.dcm")))
+    assert "Quixotewhistle" in str(report.PatientName) and report.PatientID == "PID-7731-ZEBRA"
