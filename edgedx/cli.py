@@ -391,6 +391,9 @@ def compress_command(
     structure: Annotated[
         PruneStructure, typer.Option(help="unstructured, or 2:4 blocks.")
     ] = PruneStructure.unstructured,
+    prune_with_teacher: Annotated[
+        bool, typer.Option(help="After --distill, fine-tune the pruned student under the distillation loss.")
+    ] = False,
     quantize: Annotated[
         Quantization,
         typer.Option(help="TFLite precision to deploy; auto: the fastest on --device that passes the guard."),
@@ -429,6 +432,7 @@ def compress_command(
             prune=prune,
             sparsity=sparsity,
             structure=structure.value,
+            prune_with_teacher=prune_with_teacher,
             quantize=quantize.value,
             device=device,
             qat=qat,

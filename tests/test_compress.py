@@ -27,21 +27,27 @@ def parent(tiny_npz, tmp_path_factory):
 
 
 def _tflite_kernel_sparsity(path) -> float:
-    """Zero fraction of the 4-D (convolution) weight tensors stored in a TFLite file."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Zero fraction of the convolution kernels a TFLite file holds, densified if stored sparse.
 
-    interpreter = Interpreter(model_path=str(path))
+    Pruned models are stored in TFLite's sparse encoding: a DENSIFY op expands each kernel. Run
+    without delegates and keep every tensor, so those expanded kernels can be read back.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=str(path),
+        experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
     interpreter.allocate_tensors()
-    zeros = total = 0
-    for detail in interpreter.get_tensor_details():
-        if len(detail["shape"]) == 4 and detail["dtype"] == np.int8 and "conv" in detail["name"].lower():
-            try:
-                values = interpreter.get_tensor(detail["index"])
-            except ValueError:
-                continue
-            zeros += int(np.count_nonzero(values == 0))
-            total += values.size
-    return zeros / total
+    image = interpreter.get_input_details()[0]
+    interpreter.set_tensor(image["index"], np.zeros(image["shape"], image["dtype"]))
+    interpreter.invoke()
+    ops = interpreter._get_ops_details()
+    densified = [int(i) for op in ops if op["op_name"] == "DENSIFY" for i in op["outputs"]]
+    kernels = densified or [int(op["inputs"][1]) for op in ops if op["op_name"] == "CONV_2D"]
+    values = [interpreter.get_tensor(i) for i in kernels]
+    return sum(int(np.count_nonzero(v == 0)) for v in values) / sum(v.size for v in values)
 
 
 def test_int8_post_training(parent, tmp_path):
@@ -79,6 +85,28 @@ def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
     assert result.bundle.manifest["arch"]["kernel_sparsity"] == pytest.approx(0.75, abs=0.01)
 
 
+def test_pruning_a_distilled_student_with_the_teacher_in_the_loop(parent, tmp_path, monkeypatch):
+    """With --prune-with-teacher, pruning fine-tunes the student under the distillation loss, to full sparsity."""
+    from edgedx.compress import distill as distillation
+
+    students = []
+    real = distillation.distiller
+
+    def recording(teacher, student, **kwargs):
+        students.append(student)
+        return real(teacher, student, **kwargs)
+
+    monkeypatch.setattr(distillation, "distiller", recording)
+    config = CompressConfig(
+        distill=True, distill_epochs=2, prune=True, prune_epochs=3, prune_with_teacher=True, quantize="none"
+    )
+    result = compress(parent.path, tmp_path / "dp", config)
+    assert len(students) == 2  # the distillation step, then the pruning step
+    assert any("prune_low_magnitude" in layer.name for layer in students[1].layers)
+    assert result.steps[-1]["notes"][-1] == "fine-tuned under the distillation loss"
+    assert result.bundle.manifest["arch"]["kernel_sparsity"] == pytest.approx(0.75, abs=0.01)
+
+
 def test_two_four_structure(parent, tmp_path):
     from edgedx._tf import keras
 
@@ -104,6 +132,11 @@ def test_sparsity_survives_qat(parent, tmp_path):
     result = compress(parent.path, tmp_path / "pq", config)
     assert any("sparsity-preserving QAT" in note for note in result.steps[-1]["notes"])
     assert _tflite_kernel_sparsity(result.bundle.model_path("tflite-int8")) >= 0.7
+    # stored in the sparse encoding, smaller than the dense file, and the runtime runs it
+    assert result.bundle.manifest["models"]["tflite-int8"]["sparse_encoding"] is True
+    assert result.steps[-1]["bytes"] < 0.22 * result.steps[0]["bytes"]  # dense int8 is >= 0.25x float32
+    prediction = Model.load(result.bundle.path).predict(np.full((16, 16), 200.0))
+    assert 0 <= float(prediction.probabilities) <= 1
 
 
 def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
@@ -141,6 +174,8 @@ def test_bad_config():
         CompressConfig(quantize="none")
     with pytest.raises(ConfigError, match="unknown pruning structure '3:4'"):
         CompressConfig(structure="3:4")
+    with pytest.raises(ConfigError, match="use it with --distill --prune"):
+        CompressConfig(prune=True, prune_with_teacher=True)
 
 
 def test_runtime_runs_compressed_bundle_without_tensorflow(parent, tmp_path):
