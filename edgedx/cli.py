@@ -595,6 +595,8 @@ def serve_command(
     with _user_errors():
         from .serve import ServeConfig, Service
 
+        if token_file is not None and not token_file.is_file():
+            raise ConfigError(f"--token-file {token_file} does not exist")
         token = token_file.read_text().strip() if token_file else os.environ.get("EDGEDX_TOKEN") or None
         config = ServeConfig(
             out=out,

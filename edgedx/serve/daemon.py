@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ from .storage import (
     replace_atomically,
     uid_key,
 )
+
+#: Series whose instance records stay in memory for the series result; older ones are re-read.
+SERIES_CACHE = 64
 
 log = logging.getLogger("edgedx.serve")
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module per report
@@ -216,7 +220,9 @@ class Daemon:
         self.draining = False
         self.ready = False
         self._workers: list[threading.Thread] = []
-        self._series_cache: dict[str, dict[str, dict[str, Any]]] = {}
+        # Instance records of recently active series; bounded, since a daemon runs for months.
+        self._series_cache: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
+        self._series_guard = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> int:
@@ -392,11 +398,17 @@ class Daemon:
     def _update_series(self, series: str, record: dict[str, Any] | None) -> None:
         """Rewrite the series result: maximum over its instances (the RSNA "any hemorrhage" rule)."""
         with self.outputs.series_lock(series):
-            instances = self._series_cache.get(series)
-            if instances is None:  # first time this run: what earlier runs published
+            with self._series_guard:
+                instances = self._series_cache.get(series)
+                if instances is not None:
+                    self._series_cache.move_to_end(series)
+            if instances is None:  # not seen lately: what earlier runs (or this one) published
                 folder = self.outputs.instance_folder(series)
                 instances = {p.stem: json.loads(p.read_text()) for p in folder.glob("*.json")}
-                self._series_cache[series] = instances
+                with self._series_guard:
+                    self._series_cache[series] = instances
+                    while len(self._series_cache) > SERIES_CACHE:
+                        self._series_cache.popitem(last=False)
             if record is not None:
                 instances[record["instance"]] = record
             if not instances:

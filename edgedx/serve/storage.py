@@ -17,14 +17,12 @@ of their bytes), never by anything that could identify a patient.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +157,7 @@ class Outputs:
         # keeps a second daemon off this folder).
         for stale in [*root.glob("series/**/.*.tmp"), *self.quarantine.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        self._locks = [threading.Lock() for _ in range(64)]  # striped: bounded however many series come
 
     def instance_folder(self, series: str) -> Path:
         folder = self.series_root / series / "instances"
@@ -177,12 +174,8 @@ class Outputs:
             return record
         return next(self.series_root.glob(f"*/instances/{key}.json"), None)
 
-    @contextlib.contextmanager
-    def series_lock(self, series: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(series, threading.Lock())
-        with lock:
-            yield
+    def series_lock(self, series: str) -> threading.Lock:
+        return self._locks[int(series[:8], 16) % len(self._locks)]
 
     def quarantine_input(self, pending: Path, key: str, record: dict[str, Any]) -> bool:
         """Move a pending input to the quarantine with its reason beside it; False if already there."""
