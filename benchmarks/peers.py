@@ -19,7 +19,7 @@ table gives medians over all rounds. It then starts fresh processes to record co
 start -> first prediction) and peak RSS of the runtime-only process against TensorFlow processes
 doing the same job (the same int8 model in ``tf.lite.Interpreter``, and the Keras float model).
 
-    pip install tf2onnx onnxruntime   # peers only; not edgedx dependencies
+    pip install tf2onnx onnxruntime sympy   # peers only; not edgedx dependencies
     python benchmarks/peers.py BUNDLE [--threads 2] [--runs 2000]
 """
 

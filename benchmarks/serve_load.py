@@ -9,7 +9,7 @@ Starts the daemon (the shipped default bundle unless ``--bundle``) in its own pr
    ``--sample-seconds``; reports first, last, peak and the least-squares slope in MB per minute.
 
 The clients run on the same machine and share its cores with the daemon. Writes
-``results/serve-load-cpu<cores>-c<concurrency>.json``. Run by hand on an idle machine:
+``results/serve-load-cpu<cores>-c<concurrency>-q<queue size>.json``. Run by hand on an idle machine:
 
     python benchmarks/serve_load.py                     # 60 s load + 10 min soak, concurrency 32
 """
@@ -180,7 +180,7 @@ def main() -> None:
         "sigterm_exit_code": code,
         "drained": drained,
     }
-    out = HERE / "results" / f"serve-load-cpu{os.cpu_count()}-c{args.concurrency}.json"
+    out = HERE / "results" / f"serve-load-cpu{os.cpu_count()}-c{args.concurrency}-q{args.queue_size}.json"
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"exit code after SIGTERM {code}, drained: {drained}; written {out}")
 

@@ -333,7 +333,7 @@ def test_kill_9_loses_nothing_and_duplicates_nothing(tmp_path, tiny_headct):
     assert kills >= 6 and log.count("ready:") == kills + 1
     recovered = sum(int(n) for n in re.findall(r"edgedx\.serve recovered (\d+) accepted inputs", log))
     print(  # the figures benchmarks/README.md quotes (pytest -s)
-        f"\ncrash test: {len(expected)} instances, {kills} kill -9, {recovered} spooled inputs resumed across the restarts, "
+        f"\ncrash test: {len(expected)} instances, {kills} kill -9, {recovered} spooled inputs resumed on restarts, "
         f"{log.count('duplicate instance=')} duplicate deliveries absorbed, {len(found)} results, 0 lost"
     )
 
@@ -372,3 +372,14 @@ def test_sigterm_drains_and_no_phi_reaches_logs_metrics_or_results(tmp_path, tin
     # The names really went through the daemon: the SRs, made for the PACS, carry the patient module.
     report = pydicom.dcmread(next(out.rglob("*.sr.dcm")))
     assert "Quixotewhistle" in str(report.PatientName) and report.PatientID == "PID-7731-ZEBRA"
+
+
+def test_oversized_inputs_are_quarantined_unread(tmp_path, tiny_headct):
+    config = ServeConfig(out=tmp_path / "out", inbox=tmp_path / "inbox", http_port=0, max_file_mb=0.1)
+    config = ServeConfig(**{**config.__dict__, "stable_seconds": 0.2, "poll_seconds": 0.05})
+    with Service(config) as service:
+        instances(tiny_headct, 1, tag="big")[0].save_as(config.inbox / "big.dcm", enforce_file_format=True)
+        found = wait_for(lambda: quarantined(config.out), what="the oversized file quarantined")
+        assert "over the 0.1 MB limit" in next(iter(found.values()))["reason"]
+        answer = httpx.post(f"http://127.0.0.1:{service.http.port}/v1/predict", content=b"\0" * 200_000)
+        assert answer.status_code == 413
