@@ -146,12 +146,12 @@ def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
     real_convert = quantize.convert
     rng = np.random.default_rng(0)
 
-    def broken_int8(model, mode, calibration=None):
+    def broken_int8(model, mode, calibration=None, **options):
         if mode == "int8":  # shuffle every kernel's values: same graph and ranges, no learned features
             model.set_weights(
                 [rng.permutation(w.ravel()).reshape(w.shape) if w.ndim > 1 else w for w in model.get_weights()]
             )
-        return real_convert(model, mode, calibration)
+        return real_convert(model, mode, calibration, **options)
 
     monkeypatch.setattr(quantize, "convert", broken_int8)
     with pytest.raises(CompressionRefused, match=r"int8 loses 0\.\d+ validation AUC .* \(1\.0000 -> 0\.\d+\)"):

@@ -23,7 +23,7 @@ from starlette.routing import Route
 
 from ..errors import DataError
 from .daemon import Busy, Daemon
-from .storage import content_key, uid_key
+from .storage import content_key, file_content_key, uid_key
 
 log = logging.getLogger("edgedx.serve")
 
@@ -36,7 +36,7 @@ def _instance_key_of_file(path: Path) -> str:
         uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID")
     except Exception:  # unreadable: the worker quarantines it with the reason; name it by its bytes
         uid = None
-    return uid_key(str(uid)) if uid else content_key(path.read_bytes())
+    return uid_key(str(uid)) if uid else file_content_key(path)
 
 
 class InboxWatcher:

@@ -39,6 +39,15 @@ def content_key(data: bytes) -> str:
     return "x" + hashlib.sha256(data).hexdigest()[:15]
 
 
+def file_content_key(path: Path) -> str:
+    """:func:`content_key` of a file's bytes, read in chunks (an unreadable file may be a huge one)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return "x" + digest.hexdigest()[:15]
+
+
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
