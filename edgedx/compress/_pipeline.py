@@ -143,12 +143,18 @@ def _matching_threshold(scores_val: np.ndarray, float_stage: _Stage) -> float | 
     return float(candidates[best[np.argmin(np.abs(candidates[best] - float_stage.threshold))]])
 
 
+def _pruned(arch: dict[str, Any]) -> bool:
+    """Whether a stage's network was pruned (the prune step records its kernel sparsity): such
+    models are converted to TFLite's sparse tensor encoding."""
+    return "kernel_sparsity" in arch
+
+
 def _row(stage: _Stage, data: PreparedData, parent_decisions: np.ndarray, seconds: float, seed: int) -> dict:
     from ..models import count_macs, count_parameters
     from .quantize import convert
 
     params, nonzero = count_parameters(stage.keras_model)
-    sparse = "kernel_sparsity" in stage.arch  # pruned: stored in the sparse encoding it deploys with
+    sparse = _pruned(stage.arch)  # stored in the sparse encoding it deploys with
     content = stage.tflite.content if stage.tflite else convert(stage.keras_model, "float32", sparse=sparse).content
     measured = {
         s: clinical.evaluate(data.y[s], stage.scores[s], stage.threshold, resamples=200, seed=seed)
@@ -292,7 +298,7 @@ def compress(
         current = keras_stage("prune", stripped, {**current.arch, "kernel_sparsity": achieved}, began, notes)
 
     float_model, float_threshold = current.keras_model, current.threshold
-    sparse = config.prune
+    sparse = _pruned(current.arch)
     float_tflite = convert(float_model, "float32", sparse=sparse)
     deploy = float_tflite
     auto_record = None
@@ -411,7 +417,8 @@ def _auto_precision(
         inputs = Path(tmp) / "val.npy"
         np.save(inputs, prepared.x["val"][:256])
         for mode in AUTO_CANDIDATES:
-            model = float_tflite if mode == "float32" else convert(float_model, mode, calibration, sparse=config.prune)
+            sparse = float_tflite.sparse  # every candidate stored like the float32 one
+            model = float_tflite if mode == "float32" else convert(float_model, mode, calibration, sparse=sparse)
             scores = _tflite_scores(model, prepared, manifest["task"]["activation"])
             drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
             bundle = _candidate_bundle(Path(tmp), model, manifest, current.threshold)

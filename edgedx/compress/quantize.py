@@ -70,9 +70,10 @@ def convert(model, mode: str, calibration: np.ndarray | None = None, *, sparse: 
             and output; needs ``calibration`` unless the model was trained quantization-aware).
         calibration: Preprocessed training inputs (N, S, S, C) for the int8 ranges.
         sparse: Store pruned weights in TFLite's sparse tensor encoding (for pruned models): the
-            file shrinks with the zeros instead of storing them, and XNNPACK can run sparse
-            kernels. On the pruned PneumoniaMNIST student it took int8 from 104,632 B to 79,904 B
-            and float32 from 339,652 B to 126,028 B at the same test AUC, and ran 2.2-2.8x faster.
+            file shrinks with the zeros instead of storing them. On the pruned PneumoniaMNIST
+            student it took int8 from 104,632 B to 79,904 B and float32 from 339,652 B to
+            126,028 B at the same test AUC. Speed varies: that student ran 2.2-2.8x faster at one
+            thread, the head-CT bundle at two threads no faster (benchmarks/README.md).
     """
     from .._tf import tf
 
