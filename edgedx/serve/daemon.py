@@ -31,8 +31,9 @@ import numpy as np
 import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two workers at a time)
 
 from ..bundle import Bundle
-from ..data.dicom import image_from_dataset, read_dataset
+from ..data.dicom import MAX_SIDE, image_from_dataset, read_dataset
 from ..errors import ConfigError, DataError, DicomError
+from ..outputs import decisions
 from ..preprocess import to_model_input
 from ..runtime import Model
 from .metrics import Metrics
@@ -316,7 +317,7 @@ class Daemon:
         probability = float(model.predict_inputs(model_input[None])[0])
         seconds = time.perf_counter() - began
         self.metrics.inference.observe(seconds)
-        decision = int(self.threshold is not None and probability >= self.threshold)
+        decision = int(decisions(np.array([probability]), self.threshold)[0])
         return {
             "probability": probability,
             "decision": decision,
@@ -368,7 +369,11 @@ class Daemon:
         folder = self.outputs.instance_folder(series)
         if report is not None:  # before the JSON: a published JSON means the instance is done
             publish_once(folder / f"{key}.sr.dcm", report)
-        if publish_once(folder / f"{key}.json", json_bytes(record)):
+        published = publish_once(folder / f"{key}.json", json_bytes(record))
+        self.outputs.mark_done(key, series)
+        if not published:  # a restart after the result was written, before the index knew it
+            self.metrics.count(source, "duplicate")
+        else:
             self.metrics.processing.labels(source=source).observe(time.monotonic() - job.received)
             self.metrics.count(source, "positive" if record["decision"] else "negative")
             log.info(
@@ -379,7 +384,7 @@ class Daemon:
                 record["label"],
                 record["timings_ms"]["total"],
             )
-        self._update_series(series, record)
+        self._update_series(series, record if published else None)
         path.unlink(missing_ok=True)
 
     def _report_bytes(self, ds: Any, record: dict[str, Any]) -> bytes:
@@ -414,7 +419,7 @@ class Daemon:
             if not instances:
                 return
             top = max(instances.values(), key=lambda r: r["probability"])
-            decision = int(self.threshold is not None and top["probability"] >= self.threshold)
+            decision = int(decisions(np.array([top["probability"]]), self.threshold)[0])
             summary = {
                 "schema": "edgedx.series-result/1",
                 "series": series,
@@ -465,8 +470,8 @@ class Daemon:
             raise DataError(f"upload: array of {array.dtype} is not numeric")
         spec = model.spec
         if array.ndim == 2:
-            if min(array.shape) < self.config.min_side or max(array.shape) > 4096:
-                raise DataError(f"upload: image is {array.shape}; expected {self.config.min_side}..4096 a side")
+            if min(array.shape) < self.config.min_side or max(array.shape) > MAX_SIDE:
+                raise DataError(f"upload: image is {array.shape}; expected {self.config.min_side}..{MAX_SIDE} a side")
             return to_model_input(array.astype(np.float32), spec)
         if array.shape == (spec.size, spec.size, spec.channels):
             return array.astype(np.float32)

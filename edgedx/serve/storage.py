@@ -160,11 +160,12 @@ class Outputs:
         self.root = root
         self.series_root = root / "series"
         self.quarantine = root / "quarantine"
-        for folder in (self.series_root, self.quarantine):
+        self.index = root / ".index"  # <instance key> -> its series key, one small file each
+        for folder in (self.series_root, self.quarantine, self.index):
             folder.mkdir(parents=True, exist_ok=True)
         # Temporary files a crash left half-written: never published, safe to drop (the lock below
         # keeps a second daemon off this folder).
-        for stale in [*root.glob("series/**/.*.tmp"), *self.quarantine.glob(".*.tmp")]:
+        for stale in [*root.glob("series/**/.*.tmp"), *self.quarantine.glob(".*.tmp"), *self.index.glob(".*.tmp")]:
             stale.unlink(missing_ok=True)
         self._locks = [threading.Lock() for _ in range(64)]  # striped: bounded however many series come
 
@@ -177,11 +178,16 @@ class Outputs:
         return self.instance_folder(series) / f"{key}.json"
 
     def finished(self, key: str) -> Path | None:
-        """The result or quarantine record an instance already has, if any."""
+        """The result or quarantine record an instance already has, if any (two lookups, no scan)."""
         record = self.quarantine / f"{key}.json"
         if record.exists():
             return record
-        return next(self.series_root.glob(f"*/instances/{key}.json"), None)
+        marker = self.index / key
+        return self.instance_result(marker.read_text(), key) if marker.exists() else None
+
+    def mark_done(self, key: str, series: str) -> None:
+        """Record which series holds an instance's result, so :meth:`finished` need not search."""
+        publish_once(self.index / key, series.encode())
 
     def series_lock(self, series: str) -> threading.Lock:
         return self._locks[int(series[:8], 16) % len(self._locks)]
