@@ -383,3 +383,15 @@ def test_oversized_inputs_are_quarantined_unread(tmp_path, tiny_headct):
         assert "over the 0.1 MB limit" in next(iter(found.values()))["reason"]
         answer = httpx.post(f"http://127.0.0.1:{service.http.port}/v1/predict", content=b"\0" * 200_000)
         assert answer.status_code == 413
+
+
+def test_a_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for option in ("http_port", "dicom_port"):
+            with pytest.raises(ConfigError, match=f"cannot listen for .* on 127.0.0.1:{port}"):
+                Service(ServeConfig(out=tmp_path, **{option: port})).start()  # the same --out: the first let go

@@ -45,8 +45,18 @@ class Service:
         self._stop = threading.Event()
 
     def start(self) -> Service:
-        config = self.config
+        """Start the workers, then the listeners; if one cannot start, stop what did and re-raise."""
         self.recovered = self.daemon.start()
+        try:
+            self._open_listeners()
+        except Exception:
+            self.stop()
+            raise
+        log.info("ready: %s", "; ".join(f"{item.kind} {item.where}" for item in self.listeners()))
+        return self
+
+    def _open_listeners(self) -> None:
+        config = self.config
         if config.http_port is not None:
             self.http = HttpServer(
                 self.daemon, config.host, config.http_port, token=config.token, max_body_mb=config.max_file_mb
@@ -66,8 +76,6 @@ class Service:
                 self.daemon, config.inbox, stable_seconds=config.stable_seconds, poll_seconds=config.poll_seconds
             )
             self.inbox.start()
-        log.info("ready: %s", "; ".join(f"{item.kind} {item.where}" for item in self.listeners()))
-        return self
 
     def listeners(self) -> list[Listener]:
         config, found = self.config, []

@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .daemon import Busy, Daemon
 from .storage import content_key, file_content_key, uid_key
 
@@ -142,7 +142,10 @@ class StoreSCP:
             self.ae.add_supported_context(getattr(classes, name), ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(classes.Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
-        self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        try:
+            self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen for DICOM on {host}:{port}: {exc.strerror or exc}") from None
         self.port = self.server.server_address[1]
 
     def stop(self) -> None:
@@ -239,7 +242,11 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.socket.bind((host, port))
+        try:
+            self.socket.bind((host, port))
+        except OSError as exc:
+            self.socket.close()
+            raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(
             http_app(daemon, token=token, max_body_mb=max_body_mb),
