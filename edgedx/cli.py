@@ -407,6 +407,17 @@ def compress_command(
     max_auc_drop: Annotated[
         float, typer.Option(help="Refuse int8 (after a QAT retry) if it loses more validation AUC than this.")
     ] = 0.01,
+    max_flips: Annotated[
+        float,
+        typer.Option(
+            help="int8: if more validation decisions than this differ from the float model's, retry with "
+            "the first 1-3 ops kept in float (int8 in and out)."
+        ),
+    ] = 0.02,
+    integer_only: Annotated[
+        bool,
+        typer.Option("--integer-only", help="int8: keep every op int8 (integer-only accelerators); report flips."),
+    ] = False,
     data: Annotated[
         Path | None, typer.Option(help="Fine-tuning data (default: what the bundle was trained on).")
     ] = None,
@@ -417,8 +428,10 @@ def compress_command(
     """Shrink a trained model: distill -> prune -> quantize, reporting what each step cost.
 
     Writes a bundle with the float32 TFLite model and the compressed one; its manifest keeps the
-    step report under compression.steps. int8 that loses more than --max-auc-drop validation AUC
-    is retried with quantization-aware training, then refused (no output written).
+    step report under compression.steps. int8 that changes more than --max-flips of the float
+    model's validation decisions is retried with its first ops in float; int8 that loses more than
+    --max-auc-drop validation AUC is retried with quantization-aware training, then refused (no
+    output written).
     """
     with _user_errors():
         from .compress import CompressConfig, compress
@@ -437,6 +450,8 @@ def compress_command(
             device=device,
             qat=qat,
             max_auc_drop=max_auc_drop,
+            max_flips=max_flips,
+            integer_only=integer_only,
             seed=seed,
         )
         with _progress() as report:

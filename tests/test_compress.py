@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -159,6 +160,64 @@ def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
     assert not (tmp_path / "refused").exists()
 
 
+def test_int8_keeping_the_first_op_float(parent):
+    """Selective quantization: the named op's output stays float32, the rest and the model's ends are int8."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgedx._tf import keras
+    from edgedx.compress.quantize import int8_keeping_first_ops_float
+
+    model = keras.models.load_model(parent.model_path("keras"), compile=False)
+    x = to_model_inputs(load_dataset(parent.manifest["data"]["source"]).splits["train"].images(), parent.preprocess)
+    one, two = int8_keeping_first_ops_float(model, x[:16], (1, 2))
+    assert len(one.float_ops) == 1 and two.float_ops[0] == one.float_ops[0] and len(two.float_ops) == 2
+    assert one.input["dtype"] == one.output["dtype"] == "int8"
+    interpreter = Interpreter(model_content=one.content)
+    dtypes = {t["name"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
+    assert dtypes[one.float_ops[0]] == "float32"
+    assert dtypes[two.float_ops[1]] == "int8"  # quantized in the one-op model, float only in the two-op one
+    assert Interpreter(model_content=two.content).get_tensor_details()  # a valid model too
+
+
+def _ruinous_full_int8(monkeypatch):
+    """Full int8 loses its learned features (kernels shuffled); selective int8 and other precisions are real."""
+    from edgedx._tf import keras
+    from edgedx.compress import quantize
+
+    real_convert = quantize.convert
+
+    def convert(model, mode, calibration=None, **options):
+        rng = np.random.default_rng(0)
+        if mode != "int8":
+            return real_convert(model, mode, calibration, **options)
+        damaged = keras.models.clone_model(model)
+        shuffled = [rng.permutation(w.ravel()).reshape(w.shape) if w.ndim > 1 else w for w in model.get_weights()]
+        damaged.set_weights(shuffled)
+        return real_convert(damaged, mode, calibration, **options)
+
+    monkeypatch.setattr(quantize, "convert", convert)
+
+
+def test_int8_flipping_too_many_decisions_keeps_its_first_ops_float(parent, tmp_path, monkeypatch):
+    _ruinous_full_int8(monkeypatch)
+    config = CompressConfig(quantize="int8", max_flips=0.1, max_auc_drop=0.99)  # flips decide, not the AUC guard
+    result = compress(parent.path, tmp_path / "mixed", config)
+    record = result.bundle.manifest["models"]["tflite-int8"]
+    assert len(record["float_ops"]) >= 1 and record["input"]["dtype"] == "int8"
+    notes = result.steps[-1]["notes"]
+    assert notes[0].startswith("post-training int8, full int8:") and not notes[0].endswith("(kept)")
+    assert notes[-1].endswith("(kept)") and f"first {len(record['float_ops'])} op(s) in float" in notes[-1]
+    full_flips, kept_flips = (float(n.split(": ")[1].split("%")[0]) for n in (notes[0], notes[-1]))
+    assert kept_flips < full_flips and kept_flips <= 10
+    Model.load(result.bundle.path).predict_inputs(
+        to_model_inputs(np.full((2, 16, 16), 200.0), result.bundle.preprocess)
+    )
+
+    integer = compress(parent.path, tmp_path / "int", replace(config, integer_only=True))
+    assert integer.bundle.manifest["models"]["tflite-int8"]["float_ops"] == []
+    assert len(integer.steps[-1]["notes"]) == 2 and "more than --max-flips 10.0%" in integer.steps[-1]["notes"][1]
+
+
 def test_report_is_in_manifest(parent, tmp_path):
     result = compress(parent.path, tmp_path / "r", CompressConfig(quantize="dynamic"))
     steps = json.loads((result.bundle.path / "manifest.json").read_text())["compression"]["steps"]
@@ -176,6 +235,8 @@ def test_bad_config():
         CompressConfig(structure="3:4")
     with pytest.raises(ConfigError, match="use it with --distill --prune"):
         CompressConfig(prune=True, prune_with_teacher=True)
+    with pytest.raises(ConfigError, match="max flips must be in"):
+        CompressConfig(max_flips=1.5)
 
 
 def test_runtime_runs_compressed_bundle_without_tensorflow(parent, tmp_path):

@@ -25,6 +25,8 @@ from .quantize import QUANTIZATIONS, TFLiteModel
 QUANTIZE_CHOICES = (*[q for q in QUANTIZATIONS if q != "float32"], "auto", "none")
 #: ``--quantize auto`` tries these, measured on the device; float32 always passes the guard.
 AUTO_CANDIDATES = ("float32", "float16", "dynamic", "int8")
+#: int8 whose flips exceed ``max_flips`` is retried with this many leading ops in float, fewest first.
+FLOAT_OP_COUNTS = (1, 2, 3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +50,8 @@ class CompressConfig:
     qat: bool = False
     qat_epochs: int = 3
     max_auc_drop: float = 0.01
+    max_flips: float = 0.02  # int8: validation decisions allowed to differ from the float model's
+    integer_only: bool = False  # int8: never keep an op in float, even when flips exceed max_flips
     calibration_samples: int = 200
     seed: int = 0
 
@@ -66,6 +70,8 @@ class CompressConfig:
             raise ConfigError(f"need temperature > 0 and alpha in [0, 1], got {self.temperature} and {self.alpha}")
         if not 0 <= self.max_auc_drop < 1:
             raise ConfigError(f"max AUC drop must be in [0, 1), got {self.max_auc_drop}")
+        if not 0 <= self.max_flips < 1:
+            raise ConfigError(f"max flips must be in [0, 1), got {self.max_flips}")
         for name in ("prune_epochs", "qat_epochs", "calibration_samples", "auto_runs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
@@ -141,6 +147,64 @@ def _matching_threshold(scores_val: np.ndarray, float_stage: _Stage) -> float | 
     agreement = (positives_below[-1] - positives_below[below]) + (below - positives_below[below])
     best = np.flatnonzero(agreement == agreement.max())
     return float(candidates[best[np.argmin(np.abs(candidates[best] - float_stage.threshold))]])
+
+
+def _validation_flips(scores_val: np.ndarray, float_stage: _Stage) -> float:
+    """The fraction of validation decisions a quantized model changes, at its matched threshold."""
+    wanted = decisions(float_stage.scores["val"], float_stage.threshold)
+    return float(np.mean(decisions(scores_val, _matching_threshold(scores_val, float_stage)) != wanted))
+
+
+@dataclass(frozen=True)
+class _Int8Candidate:
+    model: TFLiteModel
+    scores: dict[str, np.ndarray]
+    auc_drop: float
+    flips: float
+
+    def describe(self) -> str:
+        kept = f"first {len(self.model.float_ops)} op(s) in float" if self.model.float_ops else "full int8"
+        size = len(self.model.content)
+        return f"{kept}: {self.flips:.1%} validation flips, AUC drop {self.auc_drop:+.4f}, {size:,} B"
+
+
+def _post_training_int8(
+    float_model, calibration: np.ndarray, float_stage: _Stage, prepared: PreparedData, activation: str, config
+) -> tuple[_Int8Candidate, list[str]]:
+    """Full int8, or, when it flips more than ``max_flips`` of validation decisions, int8 with the first ops in float.
+
+    Tries one, two, then three leading ops in float (``int8_keeping_first_ops_float``) and keeps
+    the first that meets both ``max_flips`` and ``max_auc_drop``; if none does, the one with the
+    fewest flips within ``max_auc_drop`` (full int8 when none is). Validation data only.
+    """
+    from .quantize import convert, int8_keeping_first_ops_float
+
+    reference_auc = clinical.auc(prepared.y["val"], float_stage.scores["val"])
+    sparse = _pruned(float_stage.arch)
+
+    def measured(model: TFLiteModel) -> _Int8Candidate:
+        scores = _tflite_scores(model, prepared, activation)
+        drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
+        return _Int8Candidate(model, scores, drop, _validation_flips(scores["val"], float_stage))
+
+    def acceptable(c: _Int8Candidate) -> bool:
+        return c.flips <= config.max_flips and c.auc_drop <= config.max_auc_drop
+
+    tried = [measured(convert(float_model, "int8", calibration, sparse=sparse))]
+    if not acceptable(tried[0]) and not config.integer_only:
+        for model in int8_keeping_first_ops_float(float_model, calibration, FLOAT_OP_COUNTS, sparse=sparse):
+            tried.append(measured(model))
+            if acceptable(tried[-1]):
+                break
+    within = [c for c in tried if c.auc_drop <= config.max_auc_drop]
+    chosen = next((c for c in tried if acceptable(c)), min(within, key=lambda c: c.flips, default=tried[0]))
+    notes = [f"post-training int8, {c.describe()}" + (" (kept)" if c is chosen else "") for c in tried]
+    if chosen.flips > config.max_flips:
+        notes.append(
+            f"{chosen.flips:.1%} of validation decisions differ from the float model's, more than "
+            f"--max-flips {config.max_flips:.1%}" + ("" if config.integer_only else " even with the first ops in float")
+        )
+    return chosen, notes
 
 
 def _pruned(arch: dict[str, Any]) -> bool:
@@ -321,7 +385,11 @@ def compress(
             return q, scores, reference_auc - clinical.auc(prepared.y["val"], scores["val"])
 
         qat_model = None
-        if not config.qat:
+        if config.quantize == "int8" and not config.qat:
+            chosen, int8_notes = _post_training_int8(float_model, calibration, current, prepared, activation, config)
+            deploy, q_scores, drop = chosen.model, chosen.scores, chosen.auc_drop
+            notes += int8_notes
+        elif not config.qat:
             deploy, q_scores, drop = quantize_once(float_model)
             notes.append(f"post-training {config.quantize}: validation AUC drop {drop:+.4f}")
         if config.quantize == "int8" and (config.qat or drop > config.max_auc_drop):
@@ -416,10 +484,15 @@ def _auto_precision(
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "val.npy"
         np.save(inputs, prepared.x["val"][:256])
+        activation = manifest["task"]["activation"]
         for mode in AUTO_CANDIDATES:
-            sparse = float_tflite.sparse  # every candidate stored like the float32 one
-            model = float_tflite if mode == "float32" else convert(float_model, mode, calibration, sparse=sparse)
-            scores = _tflite_scores(model, prepared, manifest["task"]["activation"])
+            if mode == "int8":  # the int8 that compress --quantize int8 would keep
+                chosen, _ = _post_training_int8(float_model, calibration, current, prepared, activation, config)
+                model, scores = chosen.model, chosen.scores
+            else:
+                sparse = float_tflite.sparse  # every candidate stored like the float32 one
+                model = float_tflite if mode == "float32" else convert(float_model, mode, calibration, sparse=sparse)
+                scores = _tflite_scores(model, prepared, activation)
             drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
             bundle = _candidate_bundle(Path(tmp), model, manifest, current.threshold)
             probe = run_probe(
@@ -437,6 +510,7 @@ def _auto_precision(
                 {
                     "precision": mode,
                     "bytes": len(model.content),
+                    **({"float_ops": list(model.float_ops)} if model.float_ops else {}),
                     "val_auc_drop": drop,
                     "passes_guard": mode == "float32" or drop <= config.max_auc_drop,
                     **{k: round(v, 4) for k, v in summarize_latency(probe["latency_ms"]).items()},
@@ -515,6 +589,7 @@ def _write(
                 "output": deploy.output,
                 "threshold": final.threshold,
                 "sparse_encoding": deploy.sparse,
+                "float_ops": list(deploy.float_ops),
             },
         },
     }
