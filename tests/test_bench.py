@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.tf, needs_tf]
 def bundles(tiny_npz, tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     parent = train(load_dataset(tiny_npz), root / "float", TrainConfig(arch="seed-cnn", epochs=3, batch_size=16))
-    small = compress(parent.bundle.path, root / "int8", CompressConfig(quantize="int8", max_auc_drop=0.5))
+    config = CompressConfig(quantize="int8", max_auc_drop=0.5, integer_only=True)  # the report names full int8
+    small = compress(parent.bundle.path, root / "int8", config)
     return parent.bundle.path, small.bundle.path
 
 
@@ -56,6 +57,15 @@ def test_bench_measures_every_model_and_writes_the_report(bundles, tmp_path):
     report = (out / "report.md").read_text()
     assert "full int8" in report and "every deployed model meets every budget" in report
     assert json.loads((out / "bench.json").read_text())["rows"][3]["role"] == "tflite-int8"
+
+
+def test_int8_with_float_ops_is_not_called_full_int8():
+    from edgedx.bench._report import precision_label
+
+    assert precision_label("tflite-int8") == "full int8"
+    assert precision_label("tflite-int8", 1) == "int8, first 1 op float"
+    assert precision_label("tflite-int8", 2) == "int8, first 2 ops float"
+    assert precision_label("tflite-float16", 0) == "float16"
 
 
 def test_missed_budget_exits_non_zero_and_names_it(bundles, tmp_path):

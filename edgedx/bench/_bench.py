@@ -59,6 +59,7 @@ def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]
                     "macs": b.manifest.get("arch", {}).get("macs"),
                     "threshold": _threshold(b, role),
                     "deploy": role == _deploy_role(b),
+                    "float_ops": len(b.manifest["models"][role].get("float_ops", [])),
                 }
             )
     if not plan:

@@ -28,6 +28,13 @@ PRECISIONS = {
 }
 
 
+def precision_label(role: str, float_ops: int = 0) -> str:
+    """How a report names a model's precision; int8 with ops kept in float is not full int8."""
+    if role == "tflite-int8" and float_ops:
+        return f"int8, first {float_ops} op{'s' if float_ops > 1 else ''} float"
+    return PRECISIONS.get(role, role)
+
+
 @dataclass(frozen=True)
 class BenchResult:
     """What ``edgedx bench`` measured: one row per model, the budgets missed, and notes."""
@@ -67,8 +74,9 @@ def summarize(
     """Turn raw measurements into report rows, check the device budgets and note precision surprises.
 
     Each item of ``measured`` has ``bundle``, ``role``, ``bytes``, ``macs``, ``threshold``,
-    ``deploy`` (whether the bundle deploys this model: budgets apply to it) and ``probe`` (the
-    output of a probe process, with ``probabilities``).
+    ``deploy`` (whether the bundle deploys this model: budgets apply to it), ``probe`` (the
+    output of a probe process, with ``probabilities``) and optionally ``float_ops`` (int8 ops kept
+    in float32).
     """
     rows, missed = [], []
     for item in measured:
@@ -80,7 +88,7 @@ def summarize(
         row = {
             "bundle": item["bundle"],
             "role": item["role"],
-            "precision": PRECISIONS.get(item["role"], item["role"]),
+            "precision": precision_label(item["role"], item.get("float_ops", 0)),
             "deploy": item["deploy"],
             "clinical": {k: figures[k] for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity", "accuracy")}
             | {"flips": flips, "threshold": item["threshold"]},
