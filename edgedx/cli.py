@@ -339,6 +339,11 @@ class PruneStructure(str, Enum):
     two_four = "2:4"
 
 
+class LayerSparsity(str, Enum):
+    uniform = "uniform"
+    erk = "erk"
+
+
 def _steps_table(title: str, steps: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
     for header in (
@@ -391,6 +396,13 @@ def compress_command(
     structure: Annotated[
         PruneStructure, typer.Option(help="unstructured, or 2:4 blocks.")
     ] = PruneStructure.unstructured,
+    layer_sparsity: Annotated[
+        LayerSparsity,
+        typer.Option(
+            help="Unstructured: every layer to --sparsity (uniform), or narrow layers denser and wide ones "
+            "sparser, --sparsity overall (erk, Erdos-Renyi-Kernel)."
+        ),
+    ] = LayerSparsity.erk,
     prune_with_teacher: Annotated[
         bool, typer.Option(help="After --distill, fine-tune the pruned student under the distillation loss.")
     ] = False,
@@ -445,6 +457,7 @@ def compress_command(
             prune=prune,
             sparsity=sparsity,
             structure=structure.value,
+            layer_sparsity=layer_sparsity.value,
             prune_with_teacher=prune_with_teacher,
             quantize=quantize.value,
             device=device,

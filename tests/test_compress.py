@@ -86,6 +86,20 @@ def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
     assert result.bundle.manifest["arch"]["kernel_sparsity"] == pytest.approx(0.75, abs=0.01)
 
 
+def test_erk_shares_the_sparsity_by_layer_shape():
+    from edgedx.compress.prune import erk_sparsities
+
+    shapes = {"narrow": (3, 3, 32, 32), "wide": (3, 3, 64, 64), "shortcut": (1, 1, 8, 64), "wider": (3, 3, 64, 128)}
+    targets = erk_sparsities(shapes, 0.75)
+    sizes = {name: np.prod(shape) for name, shape in shapes.items()}
+    zeros = sum(targets[name] * sizes[name] for name in shapes)
+    assert zeros / sum(sizes.values()) == pytest.approx(0.75)
+    assert targets["shortcut"] == 0.0  # the rule asks for more than dense: kept dense, the rest rescaled
+    assert 0 < targets["narrow"] < targets["wide"] < targets["wider"] < 1
+    with pytest.raises(ConfigError, match="unknown layer sparsity 'global'"):
+        CompressConfig(prune=True, layer_sparsity="global")
+
+
 def test_pruning_a_distilled_student_with_the_teacher_in_the_loop(parent, tmp_path, monkeypatch):
     """With --prune-with-teacher, pruning fine-tunes the student under the distillation loss, to full sparsity."""
     from edgedx.compress import distill as distillation
@@ -290,3 +304,18 @@ def test_quantized_threshold_keeps_the_float_operating_point():
     assert np.array_equal(shifted >= threshold, float_val >= 0.5)
     multiclass = _Stage("prune", None, None, {"val": rng.random((10, 3))}, {})
     assert _matching_threshold(rng.random((10, 3)), multiclass) is None
+
+
+def test_when_no_int8_meets_the_budgets_one_validation_case_does_not_buy_float_ops():
+    from edgedx.compress._pipeline import _fewest_flips, _Int8Candidate
+    from edgedx.compress.quantize import TFLiteModel
+
+    def candidate(float_ops: int, flips: float, drop: float) -> _Int8Candidate:
+        model = TFLiteModel("int8", b"", {}, {}, float_ops=tuple(f"op{i}" for i in range(float_ops)))
+        return _Int8Candidate(model, {}, drop, flips)
+
+    full, one = candidate(0, 17 / 360, 0.0096), candidate(1, 9 / 360, 0.0036)
+    two, three = candidate(2, 9 / 360, 0.002), candidate(3, 8 / 360, 0.0019)
+    assert _fewest_flips([full, one, two, three], 0.01, resolution=1 / 360) is one  # 9 vs 8 of 360 cases
+    assert _fewest_flips([full, one, two, three], 0.01, resolution=1 / 1000) is three
+    assert _fewest_flips([full, one], 0.003, resolution=1 / 360) is full  # nothing within the AUC budget
