@@ -190,7 +190,17 @@ def test_int8_keeping_the_first_op_float(parent):
     dtypes = {t["name"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
     assert dtypes[one.float_ops[0]] == "float32"
     assert dtypes[two.float_ops[1]] == "int8"  # quantized in the one-op model, float only in the two-op one
-    assert Interpreter(model_content=two.content).get_tensor_details()  # a valid model too
+
+    (sparse_one,) = int8_keeping_first_ops_float(model, x[:16], (1,), sparse=True)
+    outputs = []
+    for content in (one.content, two.content, sparse_one.content):
+        runner = Interpreter(model_content=content)
+        runner.allocate_tensors()
+        image = runner.get_input_details()[0]
+        runner.set_tensor(image["index"], np.full(image["shape"], 7, np.int8))
+        runner.invoke()
+        outputs.append(runner.get_tensor(runner.get_output_details()[0]["index"]))
+    assert np.array_equal(outputs[0], outputs[2])  # the sparse encoding changes storage, not results
 
 
 def _ruinous_full_int8(monkeypatch):

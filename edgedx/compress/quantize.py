@@ -127,7 +127,7 @@ def int8_keeping_first_ops_float(
     the first ``n`` ops runs in int8. Why the first ops: on the default head-CT model full int8
     flipped 3.1% of validation decisions against the float model, and keeping only the stem
     convolution (3 -> 32 channels on raw windowed intensities, whose folded BatchNorm scales span
-    1-20x) in float brought that to 0.8% for 1.9 KB and no measured latency cost. Calibrates once
+    1-20x) in float brought that to 0.8% for 1.9 KB and 0.9% more latency. Calibrates once
     (through TFLite's quantization debugger) and yields the models lazily, so a caller that is
     satisfied early pays for one conversion.
     """
