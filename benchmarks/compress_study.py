@@ -54,8 +54,7 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep finished runs in --work instead of redoing them")
     args = parser.parse_args()
 
-    import tensorflow as tf  # only for the version in the file name
-
+    from edgedx._tf import tf  # sets TF_USE_LEGACY_KERAS before TensorFlow loads; tf for the version only
     from edgedx.compress import CompressConfig, compress
     from edgedx.data import default_dataset, load_dataset
     from edgedx.train import TrainConfig, train
@@ -157,7 +156,7 @@ def main() -> None:
             f"| {label} | {row['nonzero_parameters']:,} nz / {row['parameters']:,} | {row['bytes']:,} | "
             f"{row['gzip_bytes']:,} | {row['test']['auc']:.4f} | {row['flips']:.3f} |"
         )
-    print(f"| labels-only student | {student} | | | {labels_test['auc']:.4f} | |")
+    print(f"| labels-only student | {student['parameters']:,} | | | {labels_test['auc']:.4f} | |")
     print(f"-> {out.relative_to(HERE)}")
 
 
