@@ -201,6 +201,8 @@ def test_int8_keeping_the_first_op_float(parent):
         runner.invoke()
         outputs.append(runner.get_tensor(runner.get_output_details()[0]["index"]))
     assert np.array_equal(outputs[0], outputs[2])  # the sparse encoding changes storage, not results
+    # more ops than the network has: no model repeats the last one
+    assert [len(m.float_ops) for m in int8_keeping_first_ops_float(model, x[:16], (1, 10_000))] == [1]
 
 
 def _ruinous_full_int8(monkeypatch):

@@ -145,6 +145,8 @@ def int8_keeping_first_ops_float(
     debugger.layer_statistics_dump(dump)
     op_outputs = [row["tensor_name"] for row in csv.DictReader(io.StringIO(dump.getvalue()))]
     for count in counts:
+        if count > len(op_outputs):  # a small network: nothing left to keep in float
+            return
         kept = tuple(op_outputs[:count])
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(kept), fully_quantize=True)
         debugger.options = options
