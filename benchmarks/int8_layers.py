@@ -54,7 +54,12 @@ def main() -> None:
     from edgedx._tf import keras, tf
     from edgedx.bundle import read_bundle
     from edgedx.compress._pipeline import _matching_threshold, _Stage
-    from edgedx.compress.quantize import _calibration_samples, convert, int8_keeping_first_ops_float
+    from edgedx.compress.quantize import (
+        _calibration_samples,
+        convert,
+        int8_keeping_first_ops_float,
+        representative_samples,
+    )
     from edgedx.data import load_dataset
     from edgedx.outputs import decisions, probabilities
     from edgedx.runtime import TFLiteRunner
@@ -64,7 +69,7 @@ def main() -> None:
     activation = bundle.manifest["task"]["activation"]
     prepared = prepare_data(load_dataset(bundle.manifest["data"]["source"]), bundle.preprocess, None)
     model = keras.models.load_model(bundle.model_path("keras"), compile=False)
-    calibration = prepared.x["train"][np.random.default_rng(0).choice(len(prepared.x["train"]), 200, replace=False)]
+    calibration = representative_samples(prepared.x["train"], 200, seed=0)  # as compress calibrates
     float_scores = {s: predict_scores(model, prepared.x[s], activation) for s in ("val", "test")}
     float_stage = _Stage("float", model, bundle.threshold, float_scores, {})
 
