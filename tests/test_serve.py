@@ -22,7 +22,7 @@ from serve_kit import PHI_STRINGS, DaemonProcess, free_port, instances
 
 from edgedx.errors import ConfigError
 from edgedx.serve import ServeConfig, Service
-from edgedx.serve.storage import uid_key
+from edgedx.serve.storage import Outputs, uid_key
 
 
 @pytest.fixture
@@ -189,6 +189,24 @@ def test_malformed_corpus_is_quarantined_and_the_daemon_lives(service, tiny_head
     assert send(service.scp.port, good) == [0x0000]
     wait_for(lambda: len(results(out)) == 1, what="a result after the corpus")
     assert httpx.get(f"http://127.0.0.1:{service.http.port}/healthz").status_code == 200
+
+
+def test_quarantine_puts_the_input_before_its_reason_and_finishes_after_a_crash(tmp_path):
+    """A restart after a crash between the two steps completes the quarantine; the input is never dropped."""
+    outputs = Outputs(tmp_path / "out")
+    pending = tmp_path / "pending.dcm"
+    pending.write_bytes(b"not dicom")
+    record = {"instance": "k1", "reason": "k1: not a DICOM file"}
+    # the crash came after the input was linked in and before the reason was published
+    (outputs.quarantine / "k1.dcm").hardlink_to(pending)
+    assert outputs.quarantine_input(pending, "k1", record)
+    assert (outputs.quarantine / "k1.dcm").read_bytes() == b"not dicom"
+    assert json.loads((outputs.quarantine / "k1.json").read_text())["reason"] == record["reason"]
+    pending.unlink()  # what the daemon does next: the quarantined copy stays
+    assert (outputs.quarantine / "k1.dcm").read_bytes() == b"not dicom"
+    again = tmp_path / "again.dcm"
+    again.write_bytes(b"not dicom")
+    assert not outputs.quarantine_input(again, "k1", record)  # a resend: already quarantined
 
 
 def test_http_predict_dicom_and_npy(service, tiny_headct):

@@ -17,6 +17,7 @@ of their bytes), never by anything that could identify a patient.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,13 +194,14 @@ class Outputs:
         return self._locks[int(series[:8], 16) % len(self._locks)]
 
     def quarantine_input(self, pending: Path, key: str, record: dict[str, Any]) -> bool:
-        """Move a pending input to the quarantine with its reason beside it; False if already there."""
-        if not publish_once(self.quarantine / f"{key}.json", json_bytes(record)):
-            return False
-        target = self.quarantine / f"{key}.dcm"
-        try:
-            os.replace(pending, target)
-        except OSError:  # another file system: copy, then the caller removes the pending file
-            shutil.copyfile(pending, target)
+        """Link a pending input into the quarantine, then publish its reason beside it; False if the reason was there.
+
+        The input lands first and the reason last, and the caller removes the pending file after
+        both: a crash anywhere in between leaves the pending input for the restart to finish, so a
+        reason never stands without its input and no input is dropped. A hard link (the spool is
+        under OUT too, and results are published with links already) copies nothing, however big.
+        """
+        with contextlib.suppress(FileExistsError):  # linked before a crash
+            os.link(pending, self.quarantine / f"{key}.dcm")
         fsync_dir(self.quarantine)
-        return True
+        return publish_once(self.quarantine / f"{key}.json", json_bytes(record))
