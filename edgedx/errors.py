@@ -13,6 +13,7 @@ dependency) derives from :class:`EdgedxError`. The CLI prints such errors as one
     │   ├── DicomError       a file is not usable DICOM for this purpose
     │   └── LabelError       labels are missing, malformed or inconsistent
     ├── BundleError          a model bundle is missing, malformed or fails its checksums
+    ├── ReportError          a DICOM SR cannot be made for an input (its result is published without)
     ├── CompressionRefused   a compressed model lost more accuracy than allowed; nothing was written
     └── DependencyError      an optional dependency is not installed
 """
@@ -46,6 +47,10 @@ class LabelError(DataError):
 
 class BundleError(EdgedxError):
     """A model bundle is missing, malformed, of an unknown version, or fails its checksums."""
+
+
+class ReportError(EdgedxError):
+    """A structured report cannot be made from an input's header; the result itself is still published."""
 
 
 class CompressionRefused(EdgedxError):

@@ -236,7 +236,7 @@ def test_full_queue_answers_busy(tmp_path, tiny_headct):
     config = ServeConfig(out=tmp_path / "out", dicom_port=0, http_port=0, queue_size=2)
     with Service(config) as service:
         for _ in range(2):  # fill every slot, as two inputs still being worked on would
-            assert service.daemon.reserve("http")
+            service.daemon.reserve("http")
         answer = httpx.post(f"http://127.0.0.1:{service.http.port}/v1/predict", content=b"x")
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert httpx.get(f"http://127.0.0.1:{service.http.port}/readyz").status_code == 503

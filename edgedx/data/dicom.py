@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
+import math
 import struct
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -19,79 +23,258 @@ from .dataset import SPLITS, Dataset, Split
 
 #: Largest image side accepted; protects memory from absurd declared dimensions.
 MAX_SIDE = 4096
+#: Deepest sequence nesting accepted (DCMTK's limit); deeper files are refused, not recursed into.
+MAX_NESTING = 64
+#: Largest dataset a deflated file may inflate to: a decompression bomb is refused before it is expanded.
+MAX_INFLATED_BYTES = 256 * 1024 * 1024
+#: Bits Allocated values a greyscale image may have.
+BITS_ALLOCATED = (8, 16, 32)
+
+#: What pydicom and its decoders raise on bytes that are not what their header says.
+_PARSE_ERRORS = (
+    EOFError,
+    OSError,
+    ValueError,
+    KeyError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    OverflowError,
+    MemoryError,
+    UnicodeError,
+    struct.error,
+    zlib.error,
+)
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
+def _open(source: Path | str | bytes) -> tuple[BinaryIO, str | None]:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(source)), None
+    path = Path(source)
+    try:
+        return open(path, "rb"), path.name  # closed by the caller
+    except FileNotFoundError:
+        raise DicomError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DicomError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def _looks_headless(fp: BinaryIO) -> bool:
+    """True when a file without the preamble starts like a DICOM data set (group 0002 or 0008, either byte order)."""
+    fp.seek(0)
+    head = fp.read(8)
+    fp.seek(0)
+    if len(head) < 8:
+        return False
+    little, big = struct.unpack("<H", head[:2])[0], struct.unpack(">H", head[:2])[0]
+    return little in (0x0002, 0x0008) or big in (0x0002, 0x0008)
+
+
+def _refuse_deflate_bomb(fp: BinaryIO, name: str) -> None:
+    """For the deflated transfer syntax, inflate at most MAX_INFLATED_BYTES before pydicom inflates it all."""
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    fp.seek(0)
+    try:
+        meta = read_file_meta_info(fp)
+    except Exception:  # no readable meta: dcmread below says what is wrong
+        meta = None
+    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            inflater.decompress(fp.read(), MAX_INFLATED_BYTES)
+        except zlib.error as exc:
+            raise DicomError(f"{name}: the deflated data set does not inflate ({exc})") from None
+        if inflater.unconsumed_tail:
+            raise DicomError(
+                f"{name}: the deflated data set inflates to over {MAX_INFLATED_BYTES >> 20} MB (a decompression bomb)"
+            )
+    fp.seek(0)
+
+
+def _name_the_encoding(ds) -> None:
+    """A file without meta information: record the encoding pydicom found, so its pixels can be decoded."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+        return
+    implicit, little = ds.original_encoding
+    ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _check_nesting(ds, name: str, depth: int = 1) -> None:
+    """Refuse sequences nested deeper than MAX_NESTING; walks only sequence elements, converting nothing else."""
+    for raw in ds.elements():
+        if raw.VR != "SQ":
+            continue
+        if depth > MAX_NESTING:
+            raise DicomError(f"{name}: sequences nested over {MAX_NESTING} deep")
+        for item in ds[raw.tag].value:
+            _check_nesting(item, name, depth + 1)
 
 
 def read_dataset(source: Path | str | bytes, *, stop_before_pixels: bool = False, name: str | None = None):
-    """Read a DICOM file (a path, or its bytes); anything not readable as DICOM becomes a :class:`DicomError`."""
-    import io
+    """Read a DICOM file (a path, or its bytes) into a pydicom dataset.
 
+    Also reads files written without the 128-byte preamble and ``DICM`` marker when they start
+    like a DICOM data set (older systems still send them). Refuses, before expanding them,
+    deflated data sets that would inflate beyond ``MAX_INFLATED_BYTES`` and sequences nested
+    deeper than ``MAX_NESTING``. Anything not usable as DICOM becomes a :class:`DicomError`.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    if isinstance(source, bytes):
-        target, name = io.BytesIO(source), name or "input"
-    else:
-        target = Path(source)
-        name = name or target.name
+    fp, file_name = _open(source)
+    name = name or file_name or "input"
+    with fp:
+        try:
+            _refuse_deflate_bomb(fp, name)
+            try:
+                ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+            except InvalidDicomError:
+                if not _looks_headless(fp):
+                    raise DicomError(
+                        f"{name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble, "
+                        "and it does not start like a DICOM data set)"
+                    ) from None
+                ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+                if "SOPClassUID" not in ds and "PixelData" not in ds:
+                    raise DicomError(
+                        f"{name}: not a DICOM file (no preamble, no SOP Class UID, no pixel data)"
+                    ) from None
+                _name_the_encoding(ds)
+            _check_nesting(ds, name)
+        except RecursionError:
+            raise DicomError(f"{name}: sequences nested too deep to read") from None
+        except _PARSE_ERRORS as exc:
+            raise DicomError(f"{name}: unreadable DICOM, the file may be truncated ({_short(exc)})") from None
+    return ds
+
+
+def header_value(ds, keyword: str, name: str, default=None):
+    """One header value, or ``default`` when absent or empty; a value pydicom cannot convert is a DicomError."""
     try:
-        return pydicom.dcmread(target, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError:
-        raise DicomError(f"{name}: not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from None
-    except FileNotFoundError:
-        raise DicomError(f"{target}: no such file") from None
-    except (EOFError, OSError, ValueError, KeyError, TypeError, OverflowError, MemoryError, struct.error) as exc:
-        raise DicomError(f"{name}: unreadable DICOM, the file may be truncated ({type(exc).__name__}: {exc})") from None
+        element = ds.get(keyword)
+    except RecursionError:
+        raise DicomError(f"{name}: {keyword} has sequences nested too deep to read") from None
+    except _PARSE_ERRORS as exc:
+        raise DicomError(f"{name}: {keyword} cannot be read ({_short(exc)})") from None
+    return default if element is None or element == "" else element
+
+
+def header_int(ds, keyword: str, name: str, *, default: int, low: int, high: int) -> int:
+    """An integer header value within [low, high]; anything else names the attribute and what was found."""
+    value = header_value(ds, keyword, name, default)
+    try:
+        number = int(value)  # a string such as "abc", a multi-value, inf or nan fail here
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"{name}: {keyword} is {_shown(value)}; expected one integer in {low}..{high}") from None
+    if not low <= number <= high or (isinstance(value, float) and not value.is_integer()):
+        raise DicomError(f"{name}: {keyword} is {_shown(value)}; expected one integer in {low}..{high}")
+    return number
+
+
+def header_float(ds, keyword: str, name: str, *, default: float) -> float:
+    """A finite decimal header value (one value, not a list)."""
+    value = header_value(ds, keyword, name, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"{name}: {keyword} is {_shown(value)}; expected one finite number") from None
+    if not math.isfinite(number):
+        raise DicomError(f"{name}: {keyword} is {_shown(value)}; expected one finite number")
+    return number
+
+
+def header_text(ds, keyword: str, name: str, default: str = "") -> str:
+    value = header_value(ds, keyword, name, default)
+    if not isinstance(value, str):
+        raise DicomError(f"{name}: {keyword} is {_shown(value)}; expected one text value")
+    return value.strip()
+
+
+def _shown(value) -> str:
+    return repr(value if isinstance(value, (int, float, str)) else str(value))[:60]
 
 
 def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] | None = None) -> np.ndarray:
     """A DICOM dataset -> float32 (H, W) in output units (HU for CT), after checking it is usable.
 
-    Applies the linear Modality LUT (Rescale Slope/Intercept, PS3.3 C.11.1) and inverts
-    MONOCHROME1 so that higher always means denser.
+    Every header value it uses is validated before any pixel is decoded, so the decoder never
+    allocates more than ``MAX_SIDE`` x ``MAX_SIDE`` x 4 bytes. Applies the linear Modality LUT
+    (Rescale Slope/Intercept, PS3.3 C.11.1) and inverts MONOCHROME1 so that higher always means denser.
 
     Raises:
-        DicomError: no pixel data, unsupported transfer syntax, colour or multi-frame image,
-            absurd dimensions, truncated pixel data, or a modality outside ``modalities``.
+        DicomError: no pixel data, an undecodable transfer syntax, colour or multi-frame image,
+            absurd or unreadable header values, truncated pixel data, or a modality outside ``modalities``.
     """
-    modality = str(ds.get("Modality", ""))
+    modality = header_text(ds, "Modality", name)
     if modalities is not None and modality not in set(modalities):
         raise DicomError(f"{name}: Modality is {modality!r}, expected one of {sorted(set(modalities))}")
     if "PixelData" not in ds:
         raise DicomError(f"{name}: no pixel data (PixelData (7FE0,0010) is absent)")
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    rows = header_int(ds, "Rows", name, default=0, low=0, high=0xFFFF)
+    cols = header_int(ds, "Columns", name, default=0, low=0, high=0xFFFF)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):
         raise DicomError(f"{name}: image is {rows} x {cols}; expected 1..{MAX_SIDE} pixels a side")
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = header_int(ds, "SamplesPerPixel", name, default=1, low=0, high=0xFFFF)
     if samples != 1:
         raise DicomError(f"{name}: SamplesPerPixel is {samples}; only greyscale (1) images are supported")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    photometric = header_text(ds, "PhotometricInterpretation", name, "MONOCHROME2")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomError(f"{name}: PhotometricInterpretation is {photometric!r}; expected MONOCHROME1 or MONOCHROME2")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = header_int(ds, "NumberOfFrames", name, default=1, low=0, high=2**31 - 1)
     if frames != 1:
         raise DicomError(f"{name}: {frames} frames; only single-frame images are supported")
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    try:
-        pixels = ds.pixel_array
-    except (NotImplementedError, RuntimeError) as exc:  # no decoder installed / every decoder failed
-        syntax_name = getattr(syntax, "name", str(syntax))
-        reason = " ".join(str(exc).split())[:200]
-        raise DicomError(
-            f"{name}: cannot decode pixel data in transfer syntax {syntax_name} ({syntax}): {reason}"
-        ) from None
-    except (ValueError, AttributeError, TypeError, KeyError) as exc:
-        raise DicomError(
-            f"{name}: pixel data is truncated or inconsistent with Rows/Columns/Bits "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from None
+    bits = header_int(ds, "BitsAllocated", name, default=0, low=0, high=0xFFFF)
+    if bits not in BITS_ALLOCATED:
+        raise DicomError(f"{name}: BitsAllocated is {bits}; expected one of {', '.join(map(str, BITS_ALLOCATED))}")
+    stored = header_int(ds, "BitsStored", name, default=bits, low=1, high=bits)
+    header_int(ds, "HighBit", name, default=stored - 1, low=stored - 1, high=bits - 1)
+    header_int(ds, "PixelRepresentation", name, default=0, low=0, high=1)
+    slope = header_float(ds, "RescaleSlope", name, default=1.0) or 1.0
+    intercept = header_float(ds, "RescaleIntercept", name, default=0.0)
+    pixels = _decoded_pixels(ds, name)
     if pixels.shape != (rows, cols):
         raise DicomError(f"{name}: pixel array has shape {pixels.shape}, expected ({rows}, {cols})")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
     image = modality_lut(pixels, slope, intercept)
     if photometric == "MONOCHROME1":
         image = image.max() + image.min() - image
+    if not np.isfinite(image).all():
+        raise DicomError(f"{name}: pixel values are not finite after the modality LUT")
     return image
+
+
+def _decoded_pixels(ds, name: str) -> np.ndarray:
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    defaults = {"photometric_interpretation": "MONOCHROME2", "samples_per_pixel": 1}
+    missing = {k: v for k, v in defaults.items() if "".join(w.title() for w in k.split("_")) not in ds}
+    try:
+        if missing:  # older files omit these Type 1 attributes of a greyscale image; checked above
+            ds.pixel_array_options(**missing)
+        return ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:  # no decoder installed / every decoder failed
+        syntax_name = getattr(syntax, "name", str(syntax))
+        raise DicomError(
+            f"{name}: cannot decode pixel data in transfer syntax {syntax_name} ({syntax}): {_short(exc)}"
+        ) from None
+    except RecursionError:
+        raise DicomError(f"{name}: sequences nested too deep to read") from None
+    except _PARSE_ERRORS as exc:
+        raise DicomError(
+            f"{name}: pixel data is truncated or inconsistent with Rows/Columns/Bits ({_short(exc)})"
+        ) from None
 
 
 def read_image(path: Path | str, *, modalities: Iterable[str] | None = None) -> np.ndarray:

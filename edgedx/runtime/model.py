@@ -6,8 +6,9 @@ activation, threshold and class names. Nothing here imports TensorFlow.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,25 @@ TFLITE_ROLES = ("tflite-int8", "tflite-dynamic", "tflite-float16", "tflite-float
 
 @dataclass(frozen=True)
 class Prediction:
-    """One case: class probabilities (positive-class probability for binary models) and the decision."""
+    """One case: probabilities, the decision, and how long each step took.
+
+    ``probabilities`` is the positive-class probability (a 0-d array) for a binary model and one
+    probability per class (K,) otherwise; ``timings_ms`` has ``read``, ``decode``, ``preprocess``
+    and ``inference`` for the steps the input went through.
+    """
 
     probabilities: np.ndarray
     decision: int
     label: str
     threshold: float | None
+    timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+
+    def scores(self, class_names: list[str]) -> dict[str, float]:
+        """Probability per class name (binary: both classes, the negative as 1 - p)."""
+        p = np.asarray(self.probabilities, np.float64)
+        if p.ndim == 0:
+            return {class_names[0]: round(1.0 - float(p), 6), class_names[1]: round(float(p), 6)}
+        return {name: round(float(v), 6) for name, v in zip(class_names, p, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -203,33 +217,74 @@ class Model:
         """Raw 2-D images (HU for CT, grey levels otherwise) -> probabilities, one row per image."""
         return np.concatenate([self.predict_inputs(to_model_input(im, self.spec)[None]) for im in images])
 
-    def predict(self, source: Any) -> Prediction:
-        """One case: a DICOM path, a pydicom dataset, or a 2-D array (HU or grey levels)."""
-        return self.predict_batch([source])[0]
+    def predict(self, source: Any, *, name: str | None = None) -> Prediction:
+        """One case, through the one path every caller uses: read -> decode -> preprocess -> predict -> decide.
 
-    def predict_batch(self, sources: Iterable[Any]) -> list[Prediction]:
-        """Many cases, each a DICOM path, a pydicom dataset or a 2-D array; one prediction each."""
-        images = [self._image(source) for source in sources]
-        if not images:
-            return []
-        probs = self.predict_images(images)
-        labels = decisions(probs, self.threshold)
-        return [
-            Prediction(probabilities=p, decision=int(d), label=self.class_names[int(d)], threshold=self.threshold)
-            for p, d in zip(probs, labels, strict=True)
-        ]
+        Args:
+            source: A DICOM file (path or bytes), a pydicom dataset, a 2-D image (HU for CT, grey
+                levels otherwise) or an already preprocessed ``(S, S, C)`` input.
+            name: What error messages call the input (default: the file name, or ``input``).
 
-    def _image(self, source: Any) -> np.ndarray:
-        if isinstance(source, (str, Path)):
-            image = image_from_dataset(
-                read_dataset(source), name=Path(source).name, modalities=self.bundle.manifest["input"].get("modality")
-            )
-        elif isinstance(source, np.ndarray):
-            image = source
+        Raises:
+            DicomError: the DICOM cannot be read or used (message names the input and the reason).
+            DataError: an array of the wrong shape or type.
+        """
+        timings: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(step: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[step] = round((now - clock) * 1e3, 3)
+            clock = now
+
+        if isinstance(source, (str, Path, bytes, bytearray)):
+            name = name or (Path(source).name if isinstance(source, (str, Path)) else "input")
+            source = read_dataset(source, name=name)
+            lap("read")
+        if isinstance(source, np.ndarray):
+            model_input = self._array_input(source, name or "input")
         elif hasattr(source, "PixelData") or hasattr(source, "Modality"):
-            image = image_from_dataset(source, modalities=self.bundle.manifest["input"].get("modality"))
+            image = image_from_dataset(source, name=name or "dataset", modalities=self.modalities)
+            lap("decode")
+            model_input = to_model_input(image, self.spec)
         else:
             raise DataError(
-                f"cannot predict on a {type(source).__name__}; give a DICOM path, a pydicom dataset or a 2-D array"
+                f"cannot predict on a {type(source).__name__}; give a DICOM path or bytes, a pydicom dataset "
+                "or an array"
             )
-        return image
+        lap("preprocess")
+        probs = self.predict_inputs(model_input[None])
+        lap("inference")
+        decision = int(decisions(probs, self.threshold)[0])
+        return Prediction(
+            probabilities=probs[0],
+            decision=decision,
+            label=self.class_names[decision],
+            threshold=self.threshold,
+            timings_ms=timings,
+        )
+
+    def predict_batch(self, sources: Iterable[Any]) -> list[Prediction]:
+        """Many cases, each as :meth:`predict` takes it; one prediction each."""
+        return [self.predict(source) for source in sources]
+
+    @property
+    def modalities(self) -> list[str] | None:
+        return self.bundle.manifest["input"].get("modality")
+
+    def _array_input(self, array: np.ndarray, name: str) -> np.ndarray:
+        """A 2-D image -> preprocessed; an (S, S, C) array is taken as already preprocessed."""
+        if array.dtype.kind not in "fiub":
+            raise DataError(f"{name}: array of {array.dtype} is not numeric")
+        spec = self.spec
+        if array.ndim == 2:
+            if not np.isfinite(array).all():
+                raise DataError(f"{name}: image has values that are not finite")
+            return to_model_input(array.astype(np.float32, copy=False), spec)
+        if array.shape == (spec.size, spec.size, spec.channels):
+            return array.astype(np.float32)
+        raise DataError(
+            f"{name}: array has shape {array.shape}; give a 2-D image or a preprocessed "
+            f"({spec.size}, {spec.size}, {spec.channels}) input"
+        )

@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +31,12 @@ import numpy as np
 import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two workers at a time)
 
 from ..bundle import Bundle
-from ..data.dicom import MAX_SIDE, image_from_dataset, read_dataset
-from ..errors import ConfigError, DataError, DicomError
+from ..data.dicom import MAX_SIDE, header_int, read_dataset
+from ..errors import ConfigError, DataError, DicomError, ReportError
 from ..outputs import decisions
-from ..preprocess import to_model_input
-from ..runtime import Model
+from ..runtime import Model, Prediction
 from .metrics import Metrics
-from .report import structured_report
+from .report import report_bytes
 from .storage import (
     Outputs,
     Spool,
@@ -106,6 +105,7 @@ class ServeConfig:
     poll_seconds: float = 0.2
     drain_seconds: float = 30.0
     structured_reports: bool = True
+    min_free_mb: float = 256.0  # below this on --out, new inputs are refused (C-STORE 0xA700, HTTP 507)
 
     def __post_init__(self) -> None:
         if self.inbox is None and self.dicom_port is None and self.http_port is None:
@@ -126,6 +126,8 @@ class ServeConfig:
                 )
         if not 1 <= len(self.ae_title) <= 16:
             raise ConfigError(f"an AE title has 1 to 16 characters, got {self.ae_title!r}")
+        if self.min_free_mb < 0:
+            raise ConfigError(f"--min-free-mb must be >= 0, got {self.min_free_mb}")
         for name in ("workers", "threads", "queue_size", "max_associations", "min_side"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -133,8 +135,18 @@ class ServeConfig:
             raise ConfigError("--inbox and --out must be different folders")
 
 
-class Busy(Exception):
-    """Every slot of the queue is taken."""
+class Refused(Exception):
+    """A new input was not accepted; ``reason`` is one of :data:`REFUSALS`."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+#: Why an input may be refused: every slot taken or stopping (503 / 0xA700), or storage low or failing (507 / 0xA700).
+REFUSALS = ("busy", "storage")
+#: Seconds before a spooled input whose outputs could not be written is tried again (doubling up to the last).
+RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 
 class Capacity:
@@ -169,6 +181,7 @@ class _Job:
     path: Path | None = None  # a spooled input
     payload: bytes | None = None  # an HTTP input, answered through ``future``
     future: concurrent.futures.Future | None = field(default=None, repr=False)
+    attempts: int = 0  # failed attempts to write its outputs
 
 
 def _now() -> str:
@@ -201,17 +214,14 @@ class Daemon:
         self.bundle = bundle
         self.models = [Model.load(bundle, threads=config.threads) for _ in range(config.workers)]
         model = self.models[0]
-        if bundle.manifest["task"]["kind"] != "binary":
-            raise ConfigError(
-                f"{bundle.path}: serve combines slices with the any-positive rule, which needs a binary model"
-            )
         self.role, self.threshold = model.role, model.threshold
+        self.class_names = model.class_names
+        self.binary = model.threshold is not None and len(model.class_names) == 2
         self.model_record = {
             "name": bundle.name,
             "role": model.role,
             "sha256": bundle.manifest["models"][model.role]["sha256"],
         }
-        self.modalities = bundle.manifest["input"].get("modality")
         self._lock = lock_folder(config.out)
         self.spool = Spool(config.spool or config.out / ".spool")
         self.outputs = Outputs(config.out)
@@ -220,6 +230,7 @@ class Daemon:
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.draining = False
         self.ready = False
+        self.storage_fault: str | None = None  # the last write error, until a write succeeds again
         self._workers: list[threading.Thread] = []
         # Instance records of recently active series; bounded, since a daemon runs for months.
         self._series_cache: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
@@ -267,21 +278,35 @@ class Daemon:
         self.jobs.put(_Job(source=source, received=time.monotonic(), path=path))
         log.info("accepted instance=%s source=%s", Spool.describe(path)[0], source)
 
-    def reserve(self, source: str) -> bool:
-        """Take a slot for a new input; False (and counted as busy) when the daemon is full or stopping."""
-        if not self.draining and self.capacity.try_acquire():
-            return True
-        self.metrics.count(source, "busy")
-        return False
+    def storage_problem(self) -> str | None:
+        """Why storage cannot take new inputs now (free space under the watermark, or writes failing), else None."""
+        if self.storage_fault is not None:
+            return f"writes to {self.config.out} are failing ({self.storage_fault})"
+        free_mb = free_megabytes(self.config.out)
+        if free_mb < self.config.min_free_mb:
+            return f"{free_mb:.0f} MB free on {self.config.out}, under --min-free-mb {self.config.min_free_mb:g}"
+        return None
+
+    def reserve(self, source: str) -> None:
+        """Take a slot for a new input.
+
+        Raises:
+            Refused: ``busy`` (every slot taken, or stopping) or ``storage`` (low or failing); counted.
+        """
+        if (problem := self.storage_problem()) is not None:
+            self.metrics.count(source, "no-storage")
+            raise Refused("storage", problem)
+        if self.draining or not self.capacity.try_acquire():
+            self.metrics.count(source, "busy")
+            raise Refused("busy", "every slot is taken" if not self.draining else "the daemon is stopping")
 
     def submit(self, payload: bytes) -> concurrent.futures.Future:
         """An HTTP input: predicted in memory; the future gives the result record or raises DataError.
 
         Raises:
-            Busy: the queue is full or the daemon is stopping.
+            Refused: the queue is full, the daemon is stopping, or storage is low.
         """
-        if not self.reserve("http"):
-            raise Busy
+        self.reserve("http")
         job = _Job(source="http", received=time.monotonic(), payload=payload, future=concurrent.futures.Future())
         self.jobs.put(job)
         return job.future
@@ -289,43 +314,65 @@ class Daemon:
     # -- work -----------------------------------------------------------------------------------------
     def _work(self, model: Model) -> None:
         while (job := self.jobs.get()) is not None:
+            finished = True
             try:
                 if job.path is not None:
                     self._finish_spooled(model, job)
                 else:
                     self._answer(model, job)
+            except OSError as exc:  # the disk: full, failing, read-only; the input stays spooled
+                finished = not self._retry_later(job, exc)
             except Exception:  # a bug must not kill the worker; the input stays spooled for a restart
                 log.exception("internal error on a %s input", job.source)
                 self.metrics.count(job.source, "error")
             finally:
-                self.capacity.release()
+                if finished:
+                    self.capacity.release()
+
+    def _retry_later(self, job: _Job, exc: OSError) -> bool:
+        """Queue a spooled input again after a back-off, keeping its slot; False for an HTTP input (answered now)."""
+        reason = f"{exc.strerror or type(exc).__name__}" + (f" [errno {exc.errno}]" if exc.errno else "")
+        self.storage_fault = reason
+        self.metrics.storage_errors.inc()
+        if job.path is None:
+            job.future.set_exception(exc)
+            return False
+        delay = RETRY_SECONDS[min(job.attempts, len(RETRY_SECONDS) - 1)]
+        job.attempts += 1
+        log.warning(
+            "storage error on instance=%s (%s); it stays spooled, retry %d in %.1f s",
+            Spool.describe(job.path)[0],
+            reason,
+            job.attempts,
+            delay,
+        )
+        timer = threading.Timer(delay, self.jobs.put, args=(job,))
+        timer.daemon = True
+        timer.start()
+        return True
 
     def _predict(self, model: Model, ds: Any, key: str) -> dict[str, Any]:
-        """Check a dataset and run the model on it; DicomError says why it cannot be used."""
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        """Check a dataset's size against this daemon's limits and run the model's one prediction path."""
+        rows = header_int(ds, "Rows", key, default=0, low=0, high=0xFFFF)
+        cols = header_int(ds, "Columns", key, default=0, low=0, high=0xFFFF)
         if 0 < min(rows, cols) < self.config.min_side:
             raise DicomError(f"{key}: image is {rows} x {cols}; expected at least {self.config.min_side} a side")
-        began = time.perf_counter()
-        image = image_from_dataset(ds, name=key, modalities=self.modalities)
-        decoded = time.perf_counter()
-        record = self._run_model(model, to_model_input(image, model.spec))
-        record["timings_ms"]["decode"] = round((decoded - began) * 1e3, 3)
-        return record
+        return self._record(model.predict(ds, name=key))
 
-    def _run_model(self, model: Model, model_input: np.ndarray) -> dict[str, Any]:
-        began = time.perf_counter()
-        probability = float(model.predict_inputs(model_input[None])[0])
-        seconds = time.perf_counter() - began
-        self.metrics.inference.observe(seconds)
-        decision = int(decisions(np.array([probability]), self.threshold)[0])
-        return {
-            "probability": probability,
-            "decision": decision,
-            "label": model.class_names[decision],
-            "threshold": self.threshold,
+    def _record(self, prediction: Prediction) -> dict[str, Any]:
+        """A prediction as the JSON result: every class's probability, and ``probability`` for a binary model."""
+        self.metrics.inference.observe(prediction.timings_ms.get("inference", 0.0) / 1e3)
+        record: dict[str, Any] = {
+            "probabilities": prediction.scores(self.class_names),
+            "decision": prediction.decision,
+            "label": prediction.label,
+            "threshold": prediction.threshold,
             "model": self.model_record,
-            "timings_ms": {"inference": round(seconds * 1e3, 3)},
+            "timings_ms": dict(prediction.timings_ms),
         }
+        if self.binary:
+            record["probability"] = round(float(prediction.probabilities), 6)
+        return record
 
     def _finish_spooled(self, model: Model, job: _Job) -> None:
         path, config = job.path, self.config
@@ -346,62 +393,61 @@ class Daemon:
                 raise DicomError(f"{key}: file is {size / 1e6:.1f} MB, over the {config.max_file_mb:g} MB limit")
             ds = read_dataset(path, name=key)
             record = self._predict(model, ds, key)
-            series = uid_key(str(ds.get("SeriesInstanceUID", "") or key))
-            record |= {
-                "schema": "edgedx.instance-result/1",
-                "instance": key,
-                "series": series,
-                "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
-                "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
-                "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-                "source": source,
-                "completed": _now(),
-            }
-            report = self._report_bytes(ds, record) if config.structured_reports else None
         except DicomError as exc:
             self._quarantine(path, key, source, redact(str(exc), ds))
             return
-        except Exception as exc:  # e.g. a decoder crashing on hostile data: one input, not the daemon
-            log.error("internal error on instance=%s: %s", key, redact(traceback.format_exc(), ds))
-            self._quarantine(path, key, source, f"{key}: could not be processed ({type(exc).__name__})")
-            return
+        uids = {name: str(ds.get(keyword, "") or "") for name, keyword in RESULT_UIDS.items()}
+        series = uid_key(uids["series_instance_uid"] or key)
+        record |= {"schema": "edgedx.instance-result/1", "instance": key, "series": series, "source": source}
+        record |= uids | {"completed": _now()}
+        report = self._report(ds, record, key) if config.structured_reports else None
         record["timings_ms"]["total"] = round((time.monotonic() - job.received) * 1e3, 3)
         folder = self.outputs.instance_folder(series)
         if report is not None:  # before the JSON: a published JSON means the instance is done
             publish_once(folder / f"{key}.sr.dcm", report)
         published = publish_once(folder / f"{key}.json", json_bytes(record))
         self.outputs.mark_done(key, series)
+        self.storage_fault = None
         if not published:  # a restart after the result was written, before the index knew it
             self.metrics.count(source, "duplicate")
         else:
             self.metrics.processing.labels(source=source).observe(time.monotonic() - job.received)
             self.metrics.count(source, "positive" if record["decision"] else "negative")
             log.info(
-                "result instance=%s series=%s p=%.4f decision=%s ms=%.1f",
+                "result instance=%s series=%s label=%s ms=%.1f sr=%s",
                 key,
                 series,
-                record["probability"],
                 record["label"],
                 record["timings_ms"]["total"],
+                "yes" if report is not None else "no",
             )
         self._update_series(series, record if published else None)
         path.unlink(missing_ok=True)
 
-    def _report_bytes(self, ds: Any, record: dict[str, Any]) -> bytes:
-        buffer = io.BytesIO()
-        structured_report(ds, record, self.bundle).save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
+    def _report(self, ds: Any, record: dict[str, Any], key: str) -> bytes | None:
+        """The SR's bytes, or None with the reason in ``record["structured_report"]``: an SR never costs the result."""
+        try:
+            report = report_bytes(ds, record, self.bundle)
+        except ReportError as exc:
+            reason = redact(str(exc), ds)
+            record["structured_report"] = {"made": False, "reason": reason}
+            self.metrics.reports_skipped.inc()
+            log.warning("no SR for instance=%s: %s", key, reason)
+            return None
+        record["structured_report"] = {"made": True}
+        return report
 
     def _quarantine(self, path: Path, key: str, source: str, reason: str) -> None:
         record = {"schema": "edgedx.quarantine/1", "instance": key, "source": source, "reason": reason}
         record["quarantined"] = _now()
         self.outputs.quarantine_input(path, key, record)
         path.unlink(missing_ok=True)
+        self.storage_fault = None
         self.metrics.count(source, "quarantined")
         log.warning("quarantined instance=%s source=%s reason=%s", key, source, reason)
 
     def _update_series(self, series: str, record: dict[str, Any] | None) -> None:
-        """Rewrite the series result: maximum over its instances (the RSNA "any hemorrhage" rule)."""
+        """Rewrite the series result from its instances (see :func:`series_summary`)."""
         with self.outputs.series_lock(series):
             with self._series_guard:
                 instances = self._series_cache.get(series)
@@ -418,24 +464,12 @@ class Daemon:
                 instances[record["instance"]] = record
             if not instances:
                 return
-            top = max(instances.values(), key=lambda r: r["probability"])
-            decision = int(decisions(np.array([top["probability"]]), self.threshold)[0])
-            summary = {
-                "schema": "edgedx.series-result/1",
-                "series": series,
-                "series_instance_uid": top["series_instance_uid"],
-                "study_instance_uid": top["study_instance_uid"],
-                "rule": "maximum over instances (RSNA any-hemorrhage)",
-                "instances": len(instances),
-                "probability": top["probability"],
-                "decision": decision,
-                "label": self.models[0].class_names[decision],
-                "threshold": self.threshold,
-                "top_instance": top["instance"],
-                "probabilities": {k: r["probability"] for k, r in sorted(instances.items())},
-                "model": self.model_record,
-                "updated": _now(),
-            }
+            summary = series_summary(
+                list(instances.values()),
+                class_names=self.class_names,
+                threshold=self.threshold if self.binary else None,
+            )
+            summary |= {"series": series, "model": self.model_record, "updated": _now()}
             replace_atomically(self.outputs.series_root / series / "series.json", json_bytes(summary))
 
     def _answer(self, model: Model, job: _Job) -> None:
@@ -444,10 +478,11 @@ class Daemon:
         try:
             if data.startswith(b"\x93NUMPY"):
                 key = content_key(data)
-                record = self._run_model(model, self._array_input(model, data))
+                record = self._record(model.predict(self._upload_array(data), name="upload"))
             else:
                 ds = read_dataset(data, name="upload")
-                key = uid_key(str(ds.get("SOPInstanceUID", ""))) if ds.get("SOPInstanceUID") else content_key(data)
+                uid = str(ds.get("SOPInstanceUID", "") or "")
+                key = uid_key(uid) if uid else content_key(data)
                 record = self._predict(model, ds, key)
         except DataError as exc:
             reason = redact(str(exc), ds)
@@ -461,24 +496,62 @@ class Daemon:
         self.metrics.count("http", "positive" if record["decision"] else "negative")
         job.future.set_result(record)
 
-    def _array_input(self, model: Model, data: bytes) -> np.ndarray:
+    def _upload_array(self, data: bytes) -> np.ndarray:
+        """An uploaded ``.npy``: a 2-D image within this daemon's side limits, or a preprocessed input."""
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"upload: not a readable .npy array ({exc})") from None
-        if array.dtype.kind not in "fiub":
-            raise DataError(f"upload: array of {array.dtype} is not numeric")
-        spec = model.spec
-        if array.ndim == 2:
-            if min(array.shape) < self.config.min_side or max(array.shape) > MAX_SIDE:
-                raise DataError(f"upload: image is {array.shape}; expected {self.config.min_side}..{MAX_SIDE} a side")
-            return to_model_input(array.astype(np.float32), spec)
-        if array.shape == (spec.size, spec.size, spec.channels):
-            return array.astype(np.float32)
-        raise DataError(
-            f"upload: array has shape {array.shape}; send a 2-D image or a preprocessed "
-            f"({spec.size}, {spec.size}, {spec.channels}) input"
-        )
+        if array.ndim == 2 and (min(array.shape) < self.config.min_side or max(array.shape) > MAX_SIDE):
+            raise DataError(f"upload: image is {array.shape}; expected {self.config.min_side}..{MAX_SIDE} a side")
+        return array
+
+
+#: The DICOM UIDs an instance result carries, by their JSON names.
+RESULT_UIDS = {
+    "sop_instance_uid": "SOPInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "study_instance_uid": "StudyInstanceUID",
+}
+
+
+def free_megabytes(folder: Path) -> float:
+    return shutil.disk_usage(folder).free / 1e6
+
+
+def series_summary(
+    instances: list[dict[str, Any]], *, class_names: list[str], threshold: float | None
+) -> dict[str, Any]:
+    """A series result from its instance results.
+
+    Binary models (``threshold`` given): the series takes its most suspicious slice, the RSNA "any
+    hemorrhage" rule. Multi-class models: every class's maximum over the slices, and the label
+    most slices were given (ties: the class with the higher maximum).
+    """
+    first = instances[0]
+    summary: dict[str, Any] = {
+        "schema": "edgedx.series-result/2",
+        "series_instance_uid": first.get("series_instance_uid", ""),
+        "study_instance_uid": first.get("study_instance_uid", ""),
+        "instances": len(instances),
+        "maximum_probabilities": {name: max(r["probabilities"][name] for r in instances) for name in class_names},
+        "threshold": threshold,
+    }
+    if threshold is not None:
+        top = max(instances, key=lambda r: r["probability"])
+        decision = int(decisions(np.array([top["probability"]]), threshold)[0])
+        summary |= {
+            "rule": "maximum over instances (RSNA any-hemorrhage)",
+            "probability": top["probability"],
+            "top_instance": top["instance"],
+            "probabilities": {r["instance"]: r["probability"] for r in sorted(instances, key=lambda r: r["instance"])},
+        }
+    else:
+        votes = {name: sum(r["label"] == name for r in instances) for name in class_names}
+        maxima = summary["maximum_probabilities"]
+        decision = max(range(len(class_names)), key=lambda i: (votes[class_names[i]], maxima[class_names[i]]))
+        summary |= {"rule": "most frequent instance label", "labels": votes}
+    return summary | {"decision": decision, "label": class_names[decision]}
 
 
 def default_bundle() -> Path:

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ConfigError, DataError
-from .daemon import Busy, Daemon
+from .daemon import Daemon, Refused
 from .storage import content_key, file_content_key, uid_key
 
 log = logging.getLogger("edgedx.serve")
@@ -90,8 +90,12 @@ class InboxWatcher:
             if seen is None or seen[:2] != (size, mtime):
                 self._seen[path] = (size, mtime, now)
             elif now - seen[2] >= self.stable_seconds:
-                if self._stop.is_set() or not self.daemon.reserve("inbox"):
-                    break  # full: the rest waits in the inbox
+                if self._stop.is_set():
+                    break
+                try:
+                    self.daemon.reserve("inbox")
+                except Refused:
+                    break  # full, or storage low: the rest waits in the inbox
                 try:
                     pending = self.daemon.spool.accept_file(_instance_key_of_file(path), "inbox", path)
                     path.unlink()
@@ -152,7 +156,9 @@ class StoreSCP:
         self.server.shutdown()
 
     def _on_store(self, event) -> int:
-        if not self.daemon.reserve("cstore"):
+        try:
+            self.daemon.reserve("cstore")
+        except Refused:
             return OUT_OF_RESOURCES
         try:
             uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -177,7 +183,7 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
     limit = int(max_body_mb * 1e6)
     expected = f"Bearer {token}".encode() if token else None
 
-    def refused(request) -> Response | None:
+    def unauthorised(request) -> Response | None:
         if expected is None:
             return None
         given = request.headers.get("authorization", "").encode()
@@ -185,11 +191,13 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
             return None
         return JSONResponse({"error": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
 
-    def busy() -> Response:
-        return JSONResponse({"error": "busy: the queue is full, retry shortly"}, 503, {"Retry-After": "1"})
+    def refusal(refused: Refused) -> Response:
+        if refused.reason == "storage":  # 507 Insufficient Storage: the node cannot keep what it would accept
+            return JSONResponse({"error": f"insufficient storage: {refused}"}, 507, {"Retry-After": "30"})
+        return JSONResponse({"error": f"busy: {refused}, retry shortly"}, 503, {"Retry-After": "1"})
 
     async def predict(request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := unauthorised(request)) is not None:
             return denied
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -203,8 +211,8 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
             return JSONResponse({"error": "empty body: send a DICOM file or an .npy array"}, 400)
         try:
             future = daemon.submit(bytes(body))
-        except Busy:
-            return busy()
+        except Refused as refused:
+            return refusal(refused)
         try:
             return JSONResponse(await asyncio.wrap_future(future))
         except DataError as exc:
@@ -214,15 +222,23 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
         return JSONResponse({"status": "ok"})
 
     async def readyz(request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := unauthorised(request)) is not None:
             return denied
-        room = daemon.capacity.used < daemon.capacity.limit
-        ready = daemon.ready and room
-        body = {"ready": ready, "queue_depth": daemon.capacity.used, "queue_size": daemon.capacity.limit}
-        return JSONResponse(body, 200 if ready else 503)
+        problems = [] if daemon.ready else ["starting or stopping"]
+        if daemon.capacity.used >= daemon.capacity.limit:
+            problems.append("the queue is full")
+        if (storage := daemon.storage_problem()) is not None:
+            problems.append(storage)
+        body = {
+            "ready": not problems,
+            "reasons": problems,
+            "queue_depth": daemon.capacity.used,
+            "queue_size": daemon.capacity.limit,
+        }
+        return JSONResponse(body, 503 if problems else 200)
 
     async def metrics(request) -> Response:
-        if (denied := refused(request)) is not None:
+        if (denied := unauthorised(request)) is not None:
             return denied
         return Response(daemon.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

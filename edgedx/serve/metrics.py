@@ -17,7 +17,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.inputs = Counter(
             "edgedx_inputs",
-            "Inputs by source and outcome (positive, negative, quarantined, duplicate, busy, error).",
+            "Inputs by source and outcome "
+            "(positive, negative, quarantined, duplicate, refused, busy, no-storage, error).",
             ["source", "outcome"],
             registry=self.registry,
         )
@@ -32,6 +33,16 @@ class Metrics:
             "Time from acceptance to a published result, per instance.",
             ["source"],
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.reports_skipped = Counter(
+            "edgedx_reports_skipped",
+            "Results published without a DICOM SR because the source header cannot make one.",
+            registry=self.registry,
+        )
+        self.storage_errors = Counter(
+            "edgedx_storage_errors",
+            "Writes of outputs that failed (disk full, I/O error); the input stays spooled and is retried.",
             registry=self.registry,
         )
         depth = Gauge("edgedx_queue_depth", "Accepted inputs not yet finished.", registry=self.registry)
