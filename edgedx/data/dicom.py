@@ -149,9 +149,10 @@ def read_dataset(source: Path | str | bytes, *, stop_before_pixels: bool = False
                         "and it does not start like a DICOM data set)"
                     ) from None
                 ds = pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
-                if "SOPClassUID" not in ds and "PixelData" not in ds:
+                image_like = "Modality" in ds and ("PixelData" in ds or stop_before_pixels)
+                if "SOPClassUID" not in ds and not image_like:
                     raise DicomError(
-                        f"{name}: not a DICOM file (no preamble, no SOP Class UID, no pixel data)"
+                        f"{name}: not a DICOM file (no preamble, and no SOP Class UID or modality and pixels)"
                     ) from None
                 _name_the_encoding(ds)
             _check_nesting(ds, name)
@@ -224,6 +225,10 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
         raise DicomError(f"{name}: Modality is {modality!r}, expected one of {sorted(set(modalities))}")
     if "PixelData" not in ds:
         raise DicomError(f"{name}: no pixel data (PixelData (7FE0,0010) is absent)")
+    image_type = header_value(ds, "ImageType", name, ())
+    values = [image_type] if isinstance(image_type, (str, bytes)) else list(image_type)
+    if "LOCALIZER" in {str(v).strip().upper() for v in values}:
+        raise DicomError(f"{name}: ImageType says LOCALIZER; a localizer (scout) is a projection, not a slice")
     rows = header_int(ds, "Rows", name, default=0, low=0, high=0xFFFF)
     cols = header_int(ds, "Columns", name, default=0, low=0, high=0xFFFF)
     if not (0 < rows <= MAX_SIDE and 0 < cols <= MAX_SIDE):

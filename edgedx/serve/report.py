@@ -11,6 +11,7 @@ SR must reference gives a :class:`~edgedx.errors.ReportError` (the result is pub
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import highdicom as hd
@@ -36,6 +37,13 @@ COPIED_TYPE2 = (
     "AccessionNumber",
     "ReferringPhysicianName",
 )
+#: What a conformant DA or TM value looks like, for the dates and times the SR copies.
+DATE_TIME_PATTERNS = {
+    "PatientBirthDate": re.compile(r"\d{8}"),
+    "StudyDate": re.compile(r"\d{8}"),
+    "StudyTime": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
+    "PatientSex": re.compile(r"[MFO]"),
+}
 #: UIDs without which the SR cannot say which image it is about, or be filed with its study.
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 #: Storage SOP classes by modality, for sources that omit the SOP Class UID.
@@ -64,10 +72,19 @@ def evidence_of(source: Any) -> Dataset:
     evidence.SOPClassUID = sop_class
     for keyword in COPIED_TYPE2:
         value = source.get(keyword)
-        setattr(evidence, keyword, "" if value is None else value)
+        setattr(evidence, keyword, _conformant(keyword, "" if value is None else value))
     if "SpecificCharacterSet" in source:
         evidence.SpecificCharacterSet = source.SpecificCharacterSet
     return evidence
+
+
+def _conformant(keyword: str, value: Any) -> Any:
+    """A Type 2 value as the SR may carry it: dates and times in the ACR-NEMA form (``1999.05.05``,
+    ``10:52:34.53``) rewritten in the DICOM form, anything else unparseable left empty, as Type 2 allows."""
+    if keyword not in DATE_TIME_PATTERNS:
+        return value
+    text = str(value).strip().replace(".", "", 2 if keyword.endswith("Date") else 0).replace(":", "")
+    return text if DATE_TIME_PATTERNS[keyword].fullmatch(text) else ""
 
 
 def structured_report(source: Any, record: dict[str, Any], bundle: Bundle):
