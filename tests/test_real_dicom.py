@@ -164,7 +164,9 @@ def test_every_real_file_through_inbox_cstore_and_http(tmp_path):
             assert key in results, path.name
     assert all("\n" not in r for r in reasons.values())
     without_sr = {k: r["structured_report"] for k, r in results.items() if not r["structured_report"]["made"]}
-    print(f"\nreal files: {len(results)} results, {len(reasons)} quarantined, {len(without_sr)} without SR {without_sr}")
+    print(
+        f"\nreal files: {len(results)} results, {len(reasons)} quarantined, {len(without_sr)} without SR {without_sr}"
+    )
     assert all(r["reason"] for r in without_sr.values())
     assert len(without_sr) <= 1  # only a source with no SOP Instance UID (the headless retired file) has no SR
     assert len(reasons) == len({p for p in files if p not in cts})  # the localizer, RGB and non-CT files

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from pydicom.errors import BytesLengthException
+from pydicom.multival import MultiValue
 
 from ..errors import DicomError, LabelError
 from ..preprocess import modality_lut
@@ -44,6 +46,8 @@ _PARSE_ERRORS = (
     UnicodeError,
     struct.error,
     zlib.error,
+    NotImplementedError,  # an unknown VR, met when an element is converted
+    BytesLengthException,  # a value's length does not fit its VR
 )
 
 
@@ -77,15 +81,16 @@ def _looks_headless(fp: BinaryIO) -> bool:
 
 def _refuse_deflate_bomb(fp: BinaryIO, name: str) -> None:
     """For the deflated transfer syntax, inflate at most MAX_INFLATED_BYTES before pydicom inflates it all."""
-    from pydicom.filereader import read_file_meta_info
+    from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     fp.seek(0)
     try:
-        meta = read_file_meta_info(fp)
+        read_preamble(fp, False)
+        syntax = _read_file_meta_info(fp).get("TransferSyntaxUID")
     except Exception:  # no readable meta: dcmread below says what is wrong
-        meta = None
-    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        syntax = None
+    if syntax == DeflatedExplicitVRLittleEndian:
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         try:
             inflater.decompress(fp.read(), MAX_INFLATED_BYTES)
@@ -226,7 +231,7 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     if "PixelData" not in ds:
         raise DicomError(f"{name}: no pixel data (PixelData (7FE0,0010) is absent)")
     image_type = header_value(ds, "ImageType", name, ())
-    values = [image_type] if isinstance(image_type, (str, bytes)) else list(image_type)
+    values = list(image_type) if isinstance(image_type, (list, tuple, MultiValue)) else [image_type]
     if "LOCALIZER" in {str(v).strip().upper() for v in values}:
         raise DicomError(f"{name}: ImageType says LOCALIZER; a localizer (scout) is a projection, not a slice")
     rows = header_int(ds, "Rows", name, default=0, low=0, high=0xFFFF)

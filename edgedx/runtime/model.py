@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from ..bundle import Bundle, read_bundle
 from ..data.dicom import image_from_dataset, read_dataset
@@ -244,7 +245,7 @@ class Model:
             lap("read")
         if isinstance(source, np.ndarray):
             model_input = self._array_input(source, name or "input")
-        elif hasattr(source, "PixelData") or hasattr(source, "Modality"):
+        elif isinstance(source, Dataset):
             image = image_from_dataset(source, name=name or "dataset", modalities=self.modalities)
             lap("decode")
             model_input = to_model_input(image, self.spec)

@@ -53,6 +53,9 @@ SERIES_CACHE = 64
 
 log = logging.getLogger("edgedx.serve")
 logging.getLogger("highdicom").setLevel(logging.WARNING)  # one INFO line per copied module per report
+# pydicom logs a traceback for every decoder that fails on a hostile file, and quotes header values
+# (dates, names) when it meets non-conformant ones: the daemon reports both in its own PHI-free words.
+logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
 
 #: Tags whose values identify a patient; scrubbed from any reason text that could carry them.
 IDENTIFYING_TAGS = (
