@@ -147,6 +147,8 @@ def _bytewise(seed: bytes, rng: random.Random) -> bytes:
     data = bytearray(seed)
     start = 132 if data[128:132] == b"DICM" else 0
     for _ in range(rng.randint(1, 4)):
+        if len(data) <= start:
+            break
         kind = rng.random()
         at = rng.randrange(start, max(start + 1, min(len(data), 4096 if rng.random() < 0.8 else len(data))))
         if kind < 0.3:
@@ -162,8 +164,6 @@ def _bytewise(seed: bytes, rng: random.Random) -> bytes:
         else:
             chunk = data[at : at + rng.randint(8, 256)]
             data[at:at] = chunk * rng.randint(1, 8)
-        if not data:
-            break
     return bytes(data)
 
 

@@ -266,13 +266,21 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     return image
 
 
+#: Decoders chosen by transfer syntax where the default one is not robust to hostile data: the
+#: pylibjpeg-rle plugin (Rust) panics on malformed RLE segments; pydicom's own RLE decoder raises.
+DECODING_PLUGINS = {"1.2.840.10008.1.2.5": "pydicom"}
+
+
 def _decoded_pixels(ds, name: str) -> np.ndarray:
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    defaults = {"photometric_interpretation": "MONOCHROME2", "samples_per_pixel": 1}
-    missing = {k: v for k, v in defaults.items() if "".join(w.title() for w in k.split("_")) not in ds}
+    options = {"photometric_interpretation": "MONOCHROME2", "samples_per_pixel": 1}
+    options = {k: v for k, v in options.items() if "".join(w.title() for w in k.split("_")) not in ds}
+    syntax = None
     try:
-        if missing:  # older files omit these Type 1 attributes of a greyscale image; checked above
-            ds.pixel_array_options(**missing)
+        syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+        if syntax in DECODING_PLUGINS:
+            options["decoding_plugin"] = DECODING_PLUGINS[syntax]
+        if options:  # older files omit these Type 1 attributes of a greyscale image; checked before
+            ds.pixel_array_options(**options)
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:  # no decoder installed / every decoder failed
         syntax_name = getattr(syntax, "name", str(syntax))
@@ -285,6 +293,10 @@ def _decoded_pixels(ds, name: str) -> np.ndarray:
         raise DicomError(
             f"{name}: pixel data is truncated or inconsistent with Rows/Columns/Bits ({_short(exc)})"
         ) from None
+    except BaseException as exc:
+        if type(exc).__name__ == "PanicException":  # a decoder written in Rust gave up (pyo3 panics are BaseException)
+            raise DicomError(f"{name}: the pixel decoder failed on this data ({_short(exc)})") from None
+        raise
 
 
 def read_image(path: Path | str, *, modalities: Iterable[str] | None = None) -> np.ndarray:

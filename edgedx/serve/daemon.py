@@ -41,6 +41,7 @@ from .storage import (
     Outputs,
     Spool,
     content_key,
+    is_writable,
     json_bytes,
     lock_folder,
     publish_once,
@@ -148,6 +149,8 @@ class Refused(Exception):
 
 #: Why an input may be refused: every slot taken or stopping (503 / 0xA700), or storage low or failing (507 / 0xA700).
 REFUSALS = ("busy", "storage")
+#: Seconds between probe writes while storage is failing (readiness and new inputs wait for one to succeed).
+PROBE_SECONDS = 1.0
 #: Seconds before a spooled input whose outputs could not be written is tried again (doubling up to the last).
 RETRY_SECONDS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
@@ -234,6 +237,7 @@ class Daemon:
         self.draining = False
         self.ready = False
         self.storage_fault: str | None = None  # the last write error, until a write succeeds again
+        self._last_probe = 0.0
         self._workers: list[threading.Thread] = []
         # Instance records of recently active series; bounded, since a daemon runs for months.
         self._series_cache: OrderedDict[str, dict[str, dict[str, Any]]] = OrderedDict()
@@ -284,7 +288,11 @@ class Daemon:
     def storage_problem(self) -> str | None:
         """Why storage cannot take new inputs now (free space under the watermark, or writes failing), else None."""
         if self.storage_fault is not None:
-            return f"writes to {self.config.out} are failing ({self.storage_fault})"
+            if time.monotonic() - self._last_probe < PROBE_SECONDS or not is_writable(self.outputs.root):
+                self._last_probe = time.monotonic()
+                return f"writes to {self.config.out} are failing ({self.storage_fault})"
+            self.storage_fault = None
+            log.info("storage writable again")
         free_mb = free_megabytes(self.config.out)
         if free_mb < self.config.min_free_mb:
             return f"{free_mb:.0f} MB free on {self.config.out}, under --min-free-mb {self.config.min_free_mb:g}"
@@ -332,11 +340,16 @@ class Daemon:
                 if finished:
                     self.capacity.release()
 
+    def storage_failed(self, exc: OSError) -> str:
+        """Note a failed write: new inputs are refused until a probe write succeeds. Returns the reason."""
+        reason = f"{exc.strerror or type(exc).__name__}" + (f" [errno {exc.errno}]" if exc.errno else "")
+        self.storage_fault, self._last_probe = reason, time.monotonic()
+        self.metrics.storage_errors.inc()
+        return reason
+
     def _retry_later(self, job: _Job, exc: OSError) -> bool:
         """Queue a spooled input again after a back-off, keeping its slot; False for an HTTP input (answered now)."""
-        reason = f"{exc.strerror or type(exc).__name__}" + (f" [errno {exc.errno}]" if exc.errno else "")
-        self.storage_fault = reason
-        self.metrics.storage_errors.inc()
+        reason = self.storage_failed(exc)
         if job.path is None:
             job.future.set_exception(exc)
             return False
@@ -383,8 +396,8 @@ class Daemon:
         done = self.outputs.finished(key)
         if done is not None or not path.exists():
             # Sent twice, or a restart after the result was written: one result, already there.
-            if done is not None and done.parent.name == "instances":
-                self._update_series(done.parent.parent.name, None)
+            if done is not None and done.parent.name == "instances":  # the series may not count it yet
+                self._update_series(done.parent.parent.name, json.loads(done.read_text()))
             path.unlink(missing_ok=True)
             self.metrics.count(source, "duplicate")
             log.info("duplicate instance=%s source=%s: result already published", key, source)
@@ -424,7 +437,9 @@ class Daemon:
                 record["timings_ms"]["total"],
                 "yes" if report is not None else "no",
             )
-        self._update_series(series, record if published else None)
+        if not published:  # the record the series must count is the one on disk
+            record = json.loads((folder / f"{key}.json").read_text())
+        self._update_series(series, record)
         path.unlink(missing_ok=True)
 
     def _report(self, ds: Any, record: dict[str, Any], key: str) -> bytes | None:
@@ -449,7 +464,7 @@ class Daemon:
         self.metrics.count(source, "quarantined")
         log.warning("quarantined instance=%s source=%s reason=%s", key, source, reason)
 
-    def _update_series(self, series: str, record: dict[str, Any] | None) -> None:
+    def _update_series(self, series: str, record: dict[str, Any]) -> None:
         """Rewrite the series result from its instances (see :func:`series_summary`)."""
         with self.outputs.series_lock(series):
             with self._series_guard:
@@ -463,10 +478,7 @@ class Daemon:
                     self._series_cache[series] = instances
                     while len(self._series_cache) > SERIES_CACHE:
                         self._series_cache.popitem(last=False)
-            if record is not None:
-                instances[record["instance"]] = record
-            if not instances:
-                return
+            instances[record["instance"]] = record
             summary = series_summary(
                 list(instances.values()),
                 class_names=self.class_names,

@@ -98,11 +98,12 @@ class InboxWatcher:
                     break  # full, or storage low: the rest waits in the inbox
                 try:
                     pending = self.daemon.spool.accept_file(_instance_key_of_file(path), "inbox", path)
-                    path.unlink()
-                except Exception:
+                except OSError as exc:
                     self.daemon.capacity.release()
-                    log.exception("could not spool an inbox file; it stays in the inbox")
-                    continue
+                    reason = self.daemon.storage_failed(exc)
+                    log.warning("could not spool an inbox file (%s); it stays in the inbox", reason)
+                    break
+                path.unlink(missing_ok=True)
                 del self._seen[path]
                 self.daemon.accept_spooled(pending, "inbox")
                 taken += 1
@@ -164,6 +165,12 @@ class StoreSCP:
             uid = str(event.request.AffectedSOPInstanceUID or "")
             data = event.encoded_dataset(include_meta=True)
             pending = self.daemon.spool.accept(uid_key(uid) if uid else content_key(data), "cstore", data)
+        except OSError as exc:
+            self.daemon.capacity.release()
+            log.warning(
+                "could not spool a C-STORE instance (%s); answered out of resources", self.daemon.storage_failed(exc)
+            )
+            return OUT_OF_RESOURCES
         except Exception:
             self.daemon.capacity.release()
             log.exception("could not spool a C-STORE instance; answered out of resources")

@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -61,25 +60,47 @@ def _temporary(folder: Path, name: str) -> Path:
     return folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _write_synced(path: Path, chunks) -> None:
+    """Create ``path`` with the given byte chunks, fsynced; on any failure nothing is left behind.
+
+    Every write goes through ``os`` calls (open, write, fsync, close), the operations a full or
+    failing disk refuses; the tests inject ENOSPC and EIO at each of them.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+
+
+def _file_chunks(file: Path, size: int = 1 << 20):
+    with open(file, "rb") as f:
+        yield from iter(lambda: f.read(size), b"")
 
 
 def replace_atomically(path: Path, data: bytes) -> None:
     """Write ``path`` so that readers see the old content or the new, never a part (summaries)."""
     tmp = _temporary(path.parent, path.name)
-    _write_synced(tmp, data)
-    os.replace(tmp, path)
+    _write_synced(tmp, [data])
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
 def publish_once(path: Path, data: bytes) -> bool:
     """Create ``path`` with ``data`` atomically unless it exists; False (nothing written) if it did."""
     tmp = _temporary(path.parent, path.name)
-    _write_synced(tmp, data)
+    _write_synced(tmp, [data])
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -87,6 +108,17 @@ def publish_once(path: Path, data: bytes) -> bool:
     finally:
         tmp.unlink()
     fsync_dir(path.parent)
+    return True
+
+
+def is_writable(folder: Path) -> bool:
+    """Whether a small file can be written and synced in ``folder`` now (a probe after a storage error)."""
+    probe = _temporary(folder, "probe")
+    try:
+        _write_synced(probe, [b"edgedx storage probe\n"])
+    except OSError:
+        return False
+    probe.unlink(missing_ok=True)
     return True
 
 
@@ -106,22 +138,28 @@ class Spool:
 
     def accept(self, key: str, source: str, data: bytes) -> Path:
         """Put an input's bytes durably in the spool; from here on it is the daemon's to finish."""
-        if source not in SOURCES:
-            raise ValueError(f"unknown source {source!r}")
-        path = self.pending / f"{key}~{source}.dcm"
-        replace_atomically(path, data)
-        return path
+        return self._accept(key, source, [data])
 
     def accept_file(self, key: str, source: str, file: Path) -> Path:
         """Copy a file into the spool durably (the inbox may be on another file system)."""
+        return self._accept(key, source, _file_chunks(file))
+
+    def _accept(self, key: str, source: str, chunks) -> Path:
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}")
         path = self.pending / f"{key}~{source}.dcm"
         tmp = _temporary(self.pending, path.name)
-        with open(file, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
-        fsync_dir(self.pending)
+        _write_synced(tmp, chunks)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            fsync_dir(self.pending)
+        except BaseException:  # not durable, so not accepted: the sender is told so and sends again
+            path.unlink(missing_ok=True)
+            raise
         return path
 
     def waiting(self) -> list[Path]:
