@@ -607,6 +607,13 @@ def serve_command(
     no_sr: Annotated[
         bool, typer.Option("--no-sr", help="Write JSON results only, no DICOM Structured Reports.")
     ] = False,
+    min_free_mb: Annotated[
+        float,
+        typer.Option(
+            help="Free space on OUT below which new inputs are refused (C-STORE 0xA700, HTTP 507) "
+            "and /readyz says why; accepted inputs are still finished."
+        ),
+    ] = 256.0,
 ) -> None:
     """Run the on-device inference daemon: DICOM in (inbox, C-STORE, HTTP), results out.
 
@@ -619,6 +626,7 @@ def serve_command(
     """
     import logging
     import os
+    import warnings
 
     with _user_errors():
         from .serve import ServeConfig, Service
@@ -644,7 +652,11 @@ def serve_command(
             max_file_mb=max_file_mb,
             stable_seconds=stable_seconds,
             structured_reports=not no_sr,
+            min_free_mb=min_free_mb,
         )
+        # pydicom warns about non-conformant header values by quoting them (names, dates): not in a PHI-free log
+        warnings.filterwarnings("ignore", module=r"pydicom\..*")
+        warnings.filterwarnings("ignore", module=r"highdicom\..*")
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
         service = Service(config)
         service.start()

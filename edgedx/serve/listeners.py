@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import socket
+import ssl
 import threading
 import time
+import weakref
 from pathlib import Path
 
 # Imported here, before any worker thread starts: importing a package from two threads at once
@@ -124,8 +127,59 @@ STORAGE_CLASSES = (
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
 
 
+#: Seconds a peer has to send its A-ASSOCIATE-RQ (and, over TLS, finish the handshake) after connecting,
+#: to answer a release, or to send the next PDU of an association before it is aborted.
+REQUEST_SECONDS = 10.0
+IDLE_SECONDS = 60.0
+LISTEN_BACKLOG = 128
+#: Connections (association threads) held at once, of any state, as a multiple of --max-associations.
+CONNECTIONS_PER_ASSOCIATION = 8
+#: DUL states (PS3.8 9.2) of connections that hold no association: idle, a peer that has not asked
+#: for one yet, and a released association waiting for the peer to close the connection.
+NOT_ASSOCIATED = ("Sta1", "Sta2", "Sta13")
+
+
+class _CountingEstablishedAE(AE):
+    """An AE whose association limit counts only associations being negotiated or established.
+
+    pynetdicom counts every connection thread, so silent or half-open TCP connections, and
+    released ones whose peer has not closed yet, would take the slots of real scanners until their
+    timer expires (a scanner locked out for the ARTIM timeout by a port scan). Connections of any
+    state are bounded separately (see StoreSCP).
+    """
+
+    @property
+    def active_associations(self):
+        return [a for a in super().active_associations if a.dul.state_machine.current_state not in NOT_ASSOCIATED]
+
+    @property
+    def connections(self) -> int:
+        return len(super().active_associations)
+
+    def silent_connections(self) -> list:
+        """Acceptor connections whose peer has not sent an A-ASSOCIATE-RQ yet, oldest first."""
+        return [a for a in super().active_associations if a.is_acceptor and a.dul.state_machine.current_state == "Sta2"]
+
+
+def _release_waiting_acceptor(event) -> None:
+    """A peer closed before asking for an association: end its thread now, not at the request timeout.
+
+    pynetdicom's acceptor waits ``acse_timeout`` for an A-ASSOCIATE-RQ even after the connection
+    is gone; an empty primitive wakes it as a timeout would, and it cleans up.
+    """
+    assoc = event.assoc
+    if assoc.is_acceptor and not assoc.is_established:
+        assoc.dul.to_user_queue.put(None)
+
+
 class StoreSCP:
-    """A DICOM Storage SCP and Verification SCP; an instance is acknowledged once it is spooled."""
+    """A DICOM Storage SCP and Verification SCP; an instance is acknowledged once it is spooled.
+
+    Peers that connect and stay silent, abort mid-PDU or send slowly are cut off by the request
+    and idle timeouts; connections beyond ``CONNECTIONS_PER_ASSOCIATION * max_associations`` are
+    closed on arrival. With ``tls`` every connection is TLS (DICOM PS3.15 B.9, BCP 195); the
+    handshake runs in the connection's own thread, under the request timeout, never in the accept loop.
+    """
 
     def __init__(
         self,
@@ -136,25 +190,79 @@ class StoreSCP:
         ae_title: str,
         allow_ae: tuple[str, ...],
         max_associations: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its debug output dumps datasets
-        self.daemon = daemon
-        self.ae = AE(ae_title=ae_title)
+        logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # its debug output dumps datasets; aborts log errors
+        self.daemon, self.tls = daemon, tls
+        self.ae = _CountingEstablishedAE(ae_title=ae_title)
         self.ae.maximum_associations = max_associations
+        self.ae.acse_timeout = REQUEST_SECONDS
+        self.ae.dimse_timeout = IDLE_SECONDS
+        self.ae.network_timeout = IDLE_SECONDS
+        self.max_connections = CONNECTIONS_PER_ASSOCIATION * max_associations
         if allow_ae:
             self.ae.require_calling_aet = list(allow_ae)
         for name in STORAGE_CLASSES:  # every transfer syntax: what cannot be decoded is quarantined
             self.ae.add_supported_context(getattr(classes, name), ALL_TRANSFER_SYNTAXES)
         self.ae.add_supported_context(classes.Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda event: SUCCESS)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, lambda event: SUCCESS),
+            (evt.EVT_CONN_CLOSE, _release_waiting_acceptor),
+        ]
         try:
             self.server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
         except OSError as exc:
             raise ConfigError(f"cannot listen for DICOM on {host}:{port}: {exc.strerror or exc}") from None
         self.port = self.server.server_address[1]
+        # socketserver listens with a backlog of 5: a burst of connections beyond it waits for SYN retries (1 s, 3 s)
+        self.server.socket.listen(LISTEN_BACKLOG)
+        self.refused_connections = 0
+        self._dropped: weakref.WeakSet = weakref.WeakSet()
+        self.server.verify_request = self._admit
+        if tls is not None:
+            self.server.get_request = self._accept_tls
+            self._handle = self.server.process_request_thread
+            self.server.process_request_thread = self._handshake_then_handle
 
     def stop(self) -> None:
         self.server.shutdown()
+
+    def _admit(self, request, client_address) -> bool:
+        """At the connection cap, make room by dropping the oldest peer that has not asked for an
+        association yet; close the newcomer only when every connection is a real association."""
+        if self.ae.connections < self.max_connections:
+            return True
+        silent = [a for a in self.ae.silent_connections() if a not in self._dropped]
+        if silent:
+            self._dropped.add(silent[0])  # counted until its thread has ended
+            with contextlib.suppress(OSError, AttributeError):  # gone meanwhile
+                silent[0].dul.socket.socket.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
+            self._count_refusal("silent DICOM connections dropped to admit a new one")
+            return True
+        self._count_refusal("DICOM connections closed on arrival")
+        return False
+
+    def _count_refusal(self, what: str) -> None:
+        self.refused_connections += 1
+        if self.refused_connections in (1, 10, 100) or self.refused_connections % 1000 == 0:
+            log.warning("%d %s: %d open already", self.refused_connections, what, self.max_connections)
+
+    def _accept_tls(self):
+        client, address = self.server.socket.accept()
+        return self.tls.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    def _handshake_then_handle(self, request, client_address) -> None:
+        """In the connection's thread: the TLS handshake under the request timeout, then the association."""
+        try:
+            request.settimeout(REQUEST_SECONDS)
+            request.do_handshake()
+            request.settimeout(None)
+        except (OSError, ValueError) as exc:  # plain text, a wrong certificate, a silent peer
+            log.warning("DICOM TLS handshake failed (%s)", type(exc).__name__ if not str(exc) else str(exc)[:120])
+            self.server.shutdown_request(request)
+            return
+        self._handle(request, client_address)
 
     def _on_store(self, event) -> int:
         try:
