@@ -569,6 +569,18 @@ def bench_command(
         raise typer.Exit(code=1)
 
 
+def _tls_files(cert: Path | None, key: Path | None, client_ca: Path | None):
+    from .serve import TlsFiles
+
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if cert is None or key is None:
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    return TlsFiles(cert=cert, key=key, client_ca=client_ca)
+
+
 @app.command("serve")
 def serve_command(
     out: Annotated[Path, typer.Option(help="Folder for results, structured reports and the quarantine.")],
@@ -614,6 +626,13 @@ def serve_command(
             "and /readyz says why; accepted inputs are still finished."
         ),
     ] = 256.0,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate: DICOM TLS (BCP 195, TLS 1.2+) and HTTPS on both ports.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        Path | None, typer.Option(help="PEM CA: clients must present a certificate it signed (mutual TLS).")
+    ] = None,
 ) -> None:
     """Run the on-device inference daemon: DICOM in (inbox, C-STORE, HTTP), results out.
 
@@ -653,6 +672,7 @@ def serve_command(
             stable_seconds=stable_seconds,
             structured_reports=not no_sr,
             min_free_mb=min_free_mb,
+            tls=_tls_files(tls_cert, tls_key, tls_client_ca),
         )
         # pydicom warns about non-conformant header values by quoting them (names, dates): not in a PHI-free log
         warnings.filterwarnings("ignore", module=r"pydicom\..*")

@@ -92,3 +92,68 @@ class DaemonProcess:
     def terminate(self, timeout: float = 60) -> int:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    """A test CA, a server certificate for 127.0.0.1/localhost, a client certificate it signed, and a
+    client certificate from an unrelated CA; PEM files in ``folder``."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+    files: dict[str, Path] = {}
+
+    def write(name: str, key, cert) -> None:
+        files[f"{name}-key"] = folder / f"{name}.key"
+        files[f"{name}-key"].write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        files[name] = folder / f"{name}.pem"
+        files[name].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(name: str, issuer_key, issuer_name, *, ca: bool = False, san=None):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer_name or subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        cert = builder.sign(issuer_key or key, hashes.SHA256())
+        return key, cert
+
+    ca_key, ca_cert = issue("edgedx test CA", None, None, ca=True)
+    write("ca", ca_key, ca_cert)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    write("server", *issue("edgedx node", ca_key, ca_cert.subject, san=names))
+    write("client", *issue("scanner", ca_key, ca_cert.subject))
+    other_key, other_cert = issue("another CA", None, None, ca=True)
+    write("stranger", *issue("stranger", other_key, other_cert.subject))
+    return files
+
+
+def dcmtk(tool: str) -> str | None:
+    """The path of a DCMTK tool (``storescu``, ``storescp``, ...), or None; pip packages install
+    look-alike console scripts under the same names, so DCMTK's own is checked by its banner."""
+    import shutil
+
+    for candidate in (f"/usr/bin/{tool}", shutil.which(tool)):
+        if candidate and Path(candidate).is_file():
+            banner = subprocess.run([candidate, "--version"], capture_output=True, text=True).stdout
+            if "dcmtk" in banner.lower():
+                return candidate
+    return None

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from ..bundle import read_bundle
 from .daemon import Daemon, ServeConfig, default_bundle
 from .listeners import HttpServer, InboxWatcher, StoreSCP
+from .tls import TlsFiles
 
-__all__ = ["Listener", "ServeConfig", "Service", "default_bundle"]
+__all__ = ["Listener", "ServeConfig", "Service", "TlsFiles", "default_bundle"]
 
 log = logging.getLogger("edgedx.serve")
 
@@ -59,7 +60,12 @@ class Service:
         config = self.config
         if config.http_port is not None:
             self.http = HttpServer(
-                self.daemon, config.host, config.http_port, token=config.token, max_body_mb=config.max_file_mb
+                self.daemon,
+                config.host,
+                config.http_port,
+                token=config.token,
+                max_body_mb=config.max_file_mb,
+                tls=config.tls,
             )
             self.http.start()
         if config.dicom_port is not None:
@@ -70,6 +76,7 @@ class Service:
                 ae_title=config.ae_title,
                 allow_ae=config.allow_ae,
                 max_associations=config.max_associations,
+                tls=config.tls.server_context() if config.tls is not None else None,
             )
         if config.inbox is not None:
             self.inbox = InboxWatcher(
@@ -83,10 +90,12 @@ class Service:
             found.append(Listener("inbox", str(config.inbox)))
         if self.scp is not None:
             allowed = ", ".join(config.allow_ae) if config.allow_ae else "any calling AE title"
-            found.append(Listener("dicom", f"{config.ae_title}@{config.host}:{self.scp.port} (from {allowed})"))
+            secure = ", TLS" if config.tls else ""
+            found.append(Listener("dicom", f"{config.ae_title}@{config.host}:{self.scp.port} (from {allowed}{secure})"))
         if self.http is not None:
             auth = "bearer token" if config.token else "no token (loopback only)"
-            found.append(Listener("http", f"http://{config.host}:{self.http.port} ({auth})"))
+            scheme = "https" if config.tls else "http"
+            found.append(Listener("http", f"{scheme}://{config.host}:{self.http.port} ({auth})"))
         return found
 
     def wait(self) -> None:

@@ -48,6 +48,7 @@ from .storage import (
     replace_atomically,
     uid_key,
 )
+from .tls import TlsFiles
 
 #: Series whose instance records stay in memory for the series result; older ones are re-read.
 SERIES_CACHE = 64
@@ -110,6 +111,7 @@ class ServeConfig:
     drain_seconds: float = 30.0
     structured_reports: bool = True
     min_free_mb: float = 256.0  # below this on --out, new inputs are refused (C-STORE 0xA700, HTTP 507)
+    tls: TlsFiles | None = None  # DICOM TLS and HTTPS on both ports
 
     def __post_init__(self) -> None:
         if self.inbox is None and self.dicom_port is None and self.http_port is None:

@@ -21,12 +21,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom import sop_class as classes
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import ConfigError, DataError
 from .daemon import Daemon, Refused
 from .storage import content_key, file_content_key, uid_key
+from .tls import TlsFiles
 
 log = logging.getLogger("edgedx.serve")
 
@@ -296,15 +298,6 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
     needs ``Authorization: Bearer TOKEN``.
     """
     limit = int(max_body_mb * 1e6)
-    expected = f"Bearer {token}".encode() if token else None
-
-    def unauthorised(request) -> Response | None:
-        if expected is None:
-            return None
-        given = request.headers.get("authorization", "").encode()
-        if hmac.compare_digest(given, expected):
-            return None
-        return JSONResponse({"error": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
 
     def refusal(refused: Refused) -> Response:
         if refused.reason == "storage":  # 507 Insufficient Storage: the node cannot keep what it would accept
@@ -312,8 +305,6 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
         return JSONResponse({"error": f"busy: {refused}, retry shortly"}, 503, {"Retry-After": "1"})
 
     async def predict(request) -> Response:
-        if (denied := unauthorised(request)) is not None:
-            return denied
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return JSONResponse({"error": f"body over the {max_body_mb:g} MB limit"}, 413)
@@ -337,8 +328,6 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
         return JSONResponse({"status": "ok"})
 
     async def readyz(request) -> Response:
-        if (denied := unauthorised(request)) is not None:
-            return denied
         problems = [] if daemon.ready else ["starting or stopping"]
         if daemon.capacity.used >= daemon.capacity.limit:
             problems.append("the queue is full")
@@ -353,8 +342,6 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
         return JSONResponse(body, 503 if problems else 200)
 
     async def metrics(request) -> Response:
-        if (denied := unauthorised(request)) is not None:
-            return denied
         return Response(daemon.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
@@ -363,13 +350,45 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
         Route("/readyz", readyz),
         Route("/metrics", metrics),
     ]
-    return Starlette(routes=routes)
+    middleware = [Middleware(BearerToken, token=token)] if token else []
+    return Starlette(routes=routes, middleware=middleware)
+
+
+class BearerToken:
+    """ASGI middleware: every request but ``/healthz`` (the supervisor's liveness probe) needs the token.
+
+    As middleware, a route added later cannot forget the check.
+    """
+
+    OPEN_PATHS = ("/healthz",)
+
+    def __init__(self, app, *, token: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in self.OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                denied = JSONResponse({"error": "missing or wrong bearer token"}, 401, {"WWW-Authenticate": "Bearer"})
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class HttpServer:
     """Uvicorn serving :func:`http_app` from a thread, on a socket bound here (port 0: any free port)."""
 
-    def __init__(self, daemon: Daemon, host: str, port: int, *, token: str | None, max_body_mb: float) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        host: str,
+        port: int,
+        *,
+        token: str | None,
+        max_body_mb: float,
+        tls: TlsFiles | None = None,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -385,6 +404,7 @@ class HttpServer:
             access_log=False,  # request lines are counted in /metrics instead
             lifespan="off",
             backlog=256,
+            **(tls.uvicorn_options() if tls is not None else {}),
         )
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
