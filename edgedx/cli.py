@@ -633,6 +633,13 @@ def serve_command(
     tls_client_ca: Annotated[
         Path | None, typer.Option(help="PEM CA: clients must present a certificate it signed (mutual TLS).")
     ] = None,
+    forward_to: Annotated[
+        str | None,
+        typer.Option(
+            help="Send every SR by C-STORE to this PACS, AE@host:port, from a durable outbox with retries "
+            "(an outage delays results, loses none)."
+        ),
+    ] = None,
 ) -> None:
     """Run the on-device inference daemon: DICOM in (inbox, C-STORE, HTTP), results out.
 
@@ -648,7 +655,7 @@ def serve_command(
     import warnings
 
     with _user_errors():
-        from .serve import ServeConfig, Service
+        from .serve import Destination, ServeConfig, Service
 
         if token_file is not None and not token_file.is_file():
             raise ConfigError(f"--token-file {token_file} does not exist")
@@ -673,6 +680,7 @@ def serve_command(
             structured_reports=not no_sr,
             min_free_mb=min_free_mb,
             tls=_tls_files(tls_cert, tls_key, tls_client_ca),
+            forward_to=Destination.parse(forward_to) if forward_to else None,
         )
         # pydicom warns about non-conformant header values by quoting them (names, dates): not in a PHI-free log
         warnings.filterwarnings("ignore", module=r"pydicom\..*")

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 from ..bundle import read_bundle
 from .daemon import Daemon, ServeConfig, default_bundle
+from .forward import Destination
 from .listeners import HttpServer, InboxWatcher, StoreSCP
 from .tls import TlsFiles
 
-__all__ = ["Listener", "ServeConfig", "Service", "TlsFiles", "default_bundle"]
+__all__ = ["Destination", "Listener", "ServeConfig", "Service", "TlsFiles", "default_bundle"]
 
 log = logging.getLogger("edgedx.serve")
 
@@ -92,6 +93,8 @@ class Service:
             allowed = ", ".join(config.allow_ae) if config.allow_ae else "any calling AE title"
             secure = ", TLS" if config.tls else ""
             found.append(Listener("dicom", f"{config.ae_title}@{config.host}:{self.scp.port} (from {allowed}{secure})"))
+        if config.forward_to is not None:
+            found.append(Listener("forward", f"SRs to {config.forward_to} (outbox {config.out / '.outbox'})"))
         if self.http is not None:
             auth = "bearer token" if config.token else "no token (loopback only)"
             scheme = "https" if config.tls else "http"

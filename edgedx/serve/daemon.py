@@ -35,6 +35,7 @@ from ..data.dicom import MAX_SIDE, header_int, read_dataset
 from ..errors import ConfigError, DataError, DicomError, ReportError
 from ..outputs import decisions
 from ..runtime import Model, Prediction
+from .forward import Destination, Forwarder, Outbox
 from .metrics import Metrics
 from .report import report_bytes
 from .storage import (
@@ -112,6 +113,7 @@ class ServeConfig:
     structured_reports: bool = True
     min_free_mb: float = 256.0  # below this on --out, new inputs are refused (C-STORE 0xA700, HTTP 507)
     tls: TlsFiles | None = None  # DICOM TLS and HTTPS on both ports
+    forward_to: Destination | None = None  # every SR is C-STOREd there from a durable outbox
 
     def __post_init__(self) -> None:
         if self.inbox is None and self.dicom_port is None and self.http_port is None:
@@ -132,6 +134,8 @@ class ServeConfig:
                 )
         if not 1 <= len(self.ae_title) <= 16:
             raise ConfigError(f"an AE title has 1 to 16 characters, got {self.ae_title!r}")
+        if self.forward_to is not None and not self.structured_reports:
+            raise ConfigError("--forward-to sends the SRs, and --no-sr makes none")
         if self.min_free_mb < 0:
             raise ConfigError(f"--min-free-mb must be >= 0, got {self.min_free_mb}")
         for name in ("workers", "threads", "queue_size", "max_associations", "min_side"):
@@ -234,7 +238,19 @@ class Daemon:
         self.spool = Spool(config.spool or config.out / ".spool")
         self.outputs = Outputs(config.out)
         self.capacity = Capacity(config.queue_size)
-        self.metrics = Metrics(lambda: self.capacity.used, bundle.name, model.role, model.backend)
+        self.outbox = Outbox(config.out / ".outbox") if config.forward_to else None
+        self.metrics = Metrics(
+            lambda: self.capacity.used,
+            bundle.name,
+            model.role,
+            model.backend,
+            forward_backlog=(lambda: len(self.outbox)) if self.outbox is not None else None,
+        )
+        self.forwarder = (
+            Forwarder(self.outbox, config.forward_to, ae_title=config.ae_title, metrics=self.metrics)
+            if config.forward_to
+            else None
+        )
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.draining = False
         self.ready = False
@@ -255,6 +271,8 @@ class Daemon:
         for path in recovered:
             self.capacity.force_acquire()
             self.jobs.put(_Job(source=Spool.describe(path)[1], received=time.monotonic(), path=path))
+        if self.forwarder is not None:
+            self.forwarder.start()
         for index, model in enumerate(self.models):
             worker = threading.Thread(target=self._work, args=(model,), name=f"edgedx-worker-{index}", daemon=True)
             worker.start()
@@ -277,6 +295,8 @@ class Daemon:
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         drained = not any(w.is_alive() for w in self._workers)
+        if self.forwarder is not None:  # what is not sent yet stays in the outbox for the next start
+            self.forwarder.stop()
         self._lock.close()
         log.info("stopped: %s", "queue drained" if drained else "drain timed out; unfinished inputs stay spooled")
         return drained
@@ -423,6 +443,9 @@ class Daemon:
         folder = self.outputs.instance_folder(series)
         if report is not None:  # before the JSON: a published JSON means the instance is done
             publish_once(folder / f"{key}.sr.dcm", report)
+            if self.outbox is not None:
+                self.outbox.add(folder / f"{key}.sr.dcm")
+                self.forwarder.notify()
         published = publish_once(folder / f"{key}.json", json_bytes(record))
         self.outputs.mark_done(key, series)
         self.storage_fault = None

@@ -339,6 +339,8 @@ def http_app(daemon: Daemon, *, token: str | None, max_body_mb: float):
             "queue_depth": daemon.capacity.used,
             "queue_size": daemon.capacity.limit,
         }
+        if daemon.forwarder is not None:  # a PACS outage delays results; it does not stop the node taking images
+            body |= {"forward_backlog": len(daemon.outbox), "forward_error": daemon.forwarder.last_error}
         return JSONResponse(body, 503 if problems else 200)
 
     async def metrics(request) -> Response:

@@ -13,7 +13,15 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """The daemon's metrics in a registry of their own (tests run several daemons in one process)."""
 
-    def __init__(self, queue_depth: Callable[[], float], bundle: str, role: str, backend: str) -> None:
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        bundle: str,
+        role: str,
+        backend: str,
+        *,
+        forward_backlog: Callable[[], float] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.inputs = Counter(
             "edgedx_inputs",
@@ -45,6 +53,17 @@ class Metrics:
             "Writes of outputs that failed (disk full, I/O error); the input stays spooled and is retried.",
             registry=self.registry,
         )
+        self.forwarded = Counter(
+            "edgedx_forwarded", "SRs the PACS acknowledged (--forward-to).", registry=self.registry
+        )
+        self.forward_failures = Counter(
+            "edgedx_forward_failures",
+            "Failed attempts to forward (no association, or a C-STORE failure status); retried with back-off.",
+            registry=self.registry,
+        )
+        if forward_backlog is not None:
+            backlog = Gauge("edgedx_forward_backlog", "SRs waiting in the outbox.", registry=self.registry)
+            backlog.set_function(forward_backlog)
         depth = Gauge("edgedx_queue_depth", "Accepted inputs not yet finished.", registry=self.registry)
         depth.set_function(queue_depth)
         info = Gauge(

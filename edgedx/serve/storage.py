@@ -111,6 +111,13 @@ def publish_once(path: Path, data: bytes) -> bool:
     return True
 
 
+def link_into(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target`` durably (no copy, however big); a link already there is kept."""
+    with contextlib.suppress(FileExistsError):  # linked before a crash
+        os.link(source, target)
+    fsync_dir(target.parent)
+
+
 def is_writable(folder: Path) -> bool:
     """Whether a small file can be written and synced in ``folder`` now (a probe after a storage error)."""
     probe = _temporary(folder, "probe")
@@ -239,7 +246,5 @@ class Outputs:
         reason never stands without its input and no input is dropped. A hard link (the spool is
         under OUT too, and results are published with links already) copies nothing, however big.
         """
-        with contextlib.suppress(FileExistsError):  # linked before a crash
-            os.link(pending, self.quarantine / f"{key}.dcm")
-        fsync_dir(self.quarantine)
+        link_into(pending, self.quarantine / f"{key}.dcm")
         return publish_once(self.quarantine / f"{key}.json", json_bytes(record))
