@@ -12,6 +12,7 @@ import json
 import os
 import time
 import types
+from pathlib import Path
 
 import httpx
 import pydicom
@@ -159,3 +160,19 @@ def test_watermark_refuses_new_inputs_and_readyz_says_why(tmp_path, tiny_headct,
         wait_for(lambda: len(results(config.out)) == 2, what="both results")
         metrics = httpx.get(f"{url}/metrics").text
         assert 'outcome="no-storage",source="cstore"' in metrics and 'outcome="no-storage",source="http"' in metrics
+
+
+def test_a_spool_on_another_file_system_is_copied_into_the_quarantine(tmp_path):
+    """Hard links cannot cross file systems: a --spool elsewhere is copied, as durably."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system to spool on")
+    source = other / f"edgedx-test-{os.getpid()}.dcm"
+    source.write_bytes(b"not dicom")
+    try:
+        outputs = storage.Outputs(tmp_path / "out")
+        assert outputs.quarantine_input(source, "k1", {"reason": "k1: not a DICOM file"})
+        assert (outputs.quarantine / "k1.dcm").read_bytes() == b"not dicom"
+        assert not leftovers(tmp_path / "out")
+    finally:
+        source.unlink()

@@ -17,7 +17,7 @@ of their bytes), never by anything that could identify a patient.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -112,9 +112,25 @@ def publish_once(path: Path, data: bytes) -> bool:
 
 
 def link_into(source: Path, target: Path) -> None:
-    """Hard-link ``source`` as ``target`` durably (no copy, however big); a link already there is kept."""
-    with contextlib.suppress(FileExistsError):  # linked before a crash
+    """Hard-link ``source`` as ``target`` durably (no copy, however big); a link already there is kept.
+
+    Across file systems (a ``--spool`` elsewhere) the file is copied instead, as durably.
+    """
+    try:
         os.link(source, target)
+    except FileExistsError:  # linked before a crash
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = _temporary(target.parent, target.name)
+        _write_synced(tmp, _file_chunks(source))
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     fsync_dir(target.parent)
 
 
