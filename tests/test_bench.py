@@ -14,6 +14,7 @@ from edgedx.bench import bench, export_kit, import_results
 from edgedx.cli import app
 from edgedx.compress import CompressConfig, compress
 from edgedx.data import load_dataset
+from edgedx.errors import DataError
 from edgedx.train import TrainConfig, train
 
 pytestmark = [pytest.mark.tf, needs_tf]
@@ -120,15 +121,25 @@ def test_runtime_refuses_a_tampered_model(bundles, tmp_path):
         Model.load(copy)
 
 
-def test_runtime_batch_matches_single_predictions(bundles):
+def test_runtime_predict_is_preprocess_then_model_then_threshold(bundles, tiny_npz):
+    """Model.predict against the steps done by hand: the one prediction path adds nothing and drops nothing."""
     import numpy as np
 
+    from edgedx.outputs import probabilities
+    from edgedx.preprocess import to_model_input
     from edgedx.runtime import Model
 
     model = Model.load(bundles[1], threads=1)
-    images = [np.full((16, 16), v, np.float32) for v in (10.0, 120.0, 220.0)]
-    batch = model.predict_batch(images)
-    single = [model.predict(im) for im in images]
-    assert [p.decision for p in batch] == [p.decision for p in single]
-    assert np.allclose([float(p.probabilities) for p in batch], [float(p.probabilities) for p in single])
+    for value in (10.0, 120.0, 220.0):
+        image = np.full((16, 16), value, np.float32)
+        image[4:12, 4:12] += value / 2
+        by_hand = probabilities(model.runner.logits(to_model_input(image, model.spec)[None]), model.activation)[0]
+        prediction = model.predict(image)
+        assert float(prediction.probabilities) == pytest.approx(float(by_hand), abs=1e-7)
+        assert prediction.decision == int(by_hand >= model.threshold)
+        assert set(prediction.timings_ms) == {"preprocess", "inference"}
+    preprocessed = to_model_input(image, model.spec)
+    assert float(model.predict(preprocessed).probabilities) == pytest.approx(float(by_hand), abs=1e-7)
+    with pytest.raises(DataError, match="give a 2-D image or a preprocessed"):
+        model.predict(np.zeros((3, 3, 3, 3), np.float32))
     assert model.predict_batch([]) == []

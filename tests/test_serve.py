@@ -413,3 +413,25 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
         for option in ("http_port", "dicom_port"):
             with pytest.raises(ConfigError, match=f"cannot listen for .* on 127.0.0.1:{port}"):
                 Service(ServeConfig(out=tmp_path, **{option: port})).start()  # the same --out: the first let go
+
+
+def test_series_summary_binary_takes_the_top_slice_and_multiclass_counts_labels():
+    from edgedx.serve.daemon import series_summary
+
+    binary = [
+        {"instance": "a", "probability": 0.2, "probabilities": {"no": 0.8, "yes": 0.2}, "label": "no"},
+        {"instance": "b", "probability": 0.7, "probabilities": {"no": 0.3, "yes": 0.7}, "label": "yes"},
+    ]
+    summary = series_summary(binary, class_names=["no", "yes"], threshold=0.5)
+    assert (summary["decision"], summary["label"], summary["top_instance"]) == (1, "yes", "b")
+    assert summary["maximum_probabilities"] == {"no": 0.8, "yes": 0.7}
+    assert series_summary(binary, class_names=["no", "yes"], threshold=0.75)["label"] == "no"
+    three = ["liver", "kidney", "spleen"]
+    multiclass = [
+        {"instance": "a", "probabilities": {"liver": 0.6, "kidney": 0.3, "spleen": 0.1}, "label": "liver"},
+        {"instance": "b", "probabilities": {"liver": 0.1, "kidney": 0.8, "spleen": 0.1}, "label": "kidney"},
+        {"instance": "c", "probabilities": {"liver": 0.2, "kidney": 0.7, "spleen": 0.1}, "label": "kidney"},
+    ]
+    summary = series_summary(multiclass, class_names=three, threshold=None)
+    assert summary["label"] == "kidney" and summary["labels"] == {"liver": 1, "kidney": 2, "spleen": 0}
+    assert summary["maximum_probabilities"]["liver"] == 0.6 and "probability" not in summary

@@ -123,6 +123,11 @@ def test_a_failed_write_at_every_operation_loses_nothing_and_acknowledges_nothin
         wait_for(lambda: not list((out / ".spool" / "pending").iterdir()), timeout=60, what="the spool to empty")
         assert disk.failed >= 1, f"operation {n} was never reached"
         wait_for(lambda: service.daemon.storage_problem() is None, what="storage healthy again")
+    print(
+        f"\n{errno.errorcode[error]} {'persistent' if persistent else 'once'}: {operations} write operations per "
+        f"input, a fault at each: {len(acknowledged)} acknowledged, {len(refused)} refused, "
+        f"{len(results(out)) - 1} results"
+    )
     assert set(results(out)) == acknowledged | {uid_key(made[0].SOPInstanceUID)}  # 0 false acknowledgements
     assert refused  # a failure while spooling is answered out of resources, and the input is not kept
     assert not leftovers(out)  # 0 partial outputs

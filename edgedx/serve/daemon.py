@@ -399,7 +399,8 @@ class Daemon:
 
     def _record(self, prediction: Prediction) -> dict[str, Any]:
         """A prediction as the JSON result: every class's probability, and ``probability`` for a binary model."""
-        self.metrics.inference.observe(prediction.timings_ms.get("inference", 0.0) / 1e3)
+        timings = prediction.timings_ms
+        self.metrics.inference.observe((timings.get("preprocess", 0.0) + timings.get("inference", 0.0)) / 1e3)
         record: dict[str, Any] = {
             "probabilities": prediction.scores(self.class_names),
             "decision": prediction.decision,
