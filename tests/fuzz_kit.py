@@ -111,11 +111,25 @@ def _structured(seed: bytes, rng: random.Random) -> bytes:
             pixels = bytes(ds.PixelData)
             cut = rng.choice([0, 1, len(pixels) // 2, len(pixels) - 1, len(pixels) + 2, len(pixels) * 2])
             ds.PixelData = pixels[:cut] if cut <= len(pixels) else pixels + bytes(cut - len(pixels))
-        elif kind < 0.92:
+        elif kind < 0.86:
             ds.file_meta.TransferSyntaxUID = rng.choice(SYNTAXES)
+        elif kind < 0.92 and ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian).is_encapsulated:
+            ds.PixelData = _forged_frame_size(bytes(ds.PixelData), rng)
         else:
             return _nested(_encode(ds, rng), rng.choice([8, 60, 70, 250, 2000]))
     return _encode(ds, rng)
+
+
+def _forged_frame_size(pixel_data: bytes, rng: random.Random) -> bytes:
+    """Compressed pixel data whose JPEG, JPEG-LS or JPEG 2000 header states another frame size."""
+    data = bytearray(pixel_data)
+    size = rng.choice([0, 1, 511, 513, 4096, 20000, 65535])
+    for marker, offset, fmt in ((b"\xff\x4f\xff\x51", 8, ">II"), (b"\xff\xc3", 5, ">HH"), (b"\xff\xf7", 5, ">HH")):
+        at = data.find(marker)
+        if at >= 0:
+            data[at + offset : at + offset + struct.calcsize(fmt)] = struct.pack(fmt, size, rng.choice([size, 512]))
+            break
+    return bytes(data)
 
 
 def _encode(ds, rng: random.Random) -> bytes:

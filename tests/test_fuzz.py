@@ -19,7 +19,7 @@ import pytest
 from conftest import SHARED_DATA
 from fuzz_kit import mutant, run, seeds_from
 from pydicom.dataelem import DataElement
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless
 
 from edgedx.data import read_dataset
 from edgedx.data.dicom import MAX_INFLATED_BYTES
@@ -74,6 +74,23 @@ def nested(data: bytes, depth: int) -> bytes:
     return data + (open_sequence + open_item) * depth + close * depth
 
 
+def compressed_bomb(data: bytes, syntax: str) -> bytes:
+    """The slice compressed (JPEG-LS or JPEG 2000), its codestream then declaring 60000 x 60000 pixels."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.compress(syntax)
+    frame = bytearray(ds.PixelData)
+    if syntax == JPEGLSLossless:
+        at = frame.find(b"\xff\xf7")  # SOF55: length, precision, rows, columns
+        frame[at + 5 : at + 9] = struct.pack(">HH", 60000, 60000)
+    else:
+        at = frame.find(b"\xff\x4f\xff\x51")  # SOC, SIZ: length, capabilities, Xsiz, Ysiz
+        frame[at + 8 : at + 16] = struct.pack(">II", 60000, 60000)
+    ds.PixelData = bytes(frame)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 HOSTILE = {
     "rescale-intercept-abc": (lambda d: rewritten(d, RescaleIntercept=("LO", "abc")), "RescaleIntercept is 'abc'"),
     "rescale-slope-two-values": (lambda d: rewritten(d, RescaleSlope=("DS", ["1", "2"])), "RescaleSlope is"),
@@ -91,6 +108,8 @@ HOSTILE = {
     "nested-250-deep": (lambda d: nested(d, 250), "nested"),
     "nested-65-deep": (lambda d: nested(d, 65), "nested"),
     "length-beyond-the-file": (lambda d: d[:-1000] + b"", "truncated"),
+    "jpeg-ls-frame-60000-square": (lambda d: compressed_bomb(d, JPEGLSLossless), "declares 60000 x 60000"),
+    "jpeg2000-frame-60000-square": (lambda d: compressed_bomb(d, JPEG2000Lossless), "declares 60000 x 60000"),
 }
 
 

@@ -176,3 +176,22 @@ def test_every_real_file_through_inbox_cstore_and_http(tmp_path):
     report = pydicom.dcmread(out / "series" / record["series"] / "instances" / f"{anonymous_key}.sr.dcm")
     assert report.PatientBirthDate == "" and report.PatientSex == ""
     assert "Traceback" not in "".join(reasons.values())
+
+
+def test_codestream_sizes_of_real_compressed_files_match_their_headers():
+    """The size check that refuses decompression bombs reads every real JPEG, JPEG-LS and JPEG 2000 frame right."""
+    from pydicom.encaps import generate_fragmented_frames
+
+    from edgedx.data.dicom import codestream_size
+
+    checked = 0
+    for path in real_files():
+        ds = read_dataset(path)
+        syntax = ds.file_meta.TransferSyntaxUID
+        if not syntax.is_encapsulated or syntax == pydicom.uid.RLELossless:
+            continue
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        first = b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=frames)))
+        assert codestream_size(first) == (ds.Rows, ds.Columns), path.name
+        checked += 1
+    assert checked >= 10

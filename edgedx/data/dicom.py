@@ -18,6 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
+from pydicom.uid import UID
 
 from ..errors import DicomError, LabelError
 from ..preprocess import modality_lut
@@ -255,6 +256,7 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     header_int(ds, "PixelRepresentation", name, default=0, low=0, high=1)
     slope = header_float(ds, "RescaleSlope", name, default=1.0) or 1.0
     intercept = header_float(ds, "RescaleIntercept", name, default=0.0)
+    _refuse_codestream_bomb(ds, name, rows, cols)
     pixels = _decoded_pixels(ds, name)
     if pixels.shape != (rows, cols):
         raise DicomError(f"{name}: pixel array has shape {pixels.shape}, expected ({rows}, {cols})")
@@ -264,6 +266,58 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     if not np.isfinite(image).all():
         raise DicomError(f"{name}: pixel values are not finite after the modality LUT")
     return image
+
+
+#: JPEG start-of-frame markers (baseline to lossless, arithmetic; JPEG-LS SOF55) that state the frame's size.
+_SOF_MARKERS = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+
+
+def codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG, JPEG-LS or JPEG 2000 codestream declares in its header, or None if it states none.
+
+    A decoder allocates what the codestream declares, whatever the DICOM header says: a slice
+    whose codestream says 60000 x 60000 made libjpeg allocate 13.8 GB and spend a minute.
+    """
+    if frame[:4] == b"\xff\x4f\xff\x51" and len(frame) >= 24:  # JPEG 2000: SOC, then SIZ
+        xsiz, ysiz, x_offset, y_offset = struct.unpack(">IIII", frame[8:24])
+        return max(0, ysiz - y_offset), max(0, xsiz - x_offset)
+    if frame[:2] != b"\xff\xd8":  # not a JPEG stream either (RLE, or damaged)
+        return None
+    at = 2
+    while at + 4 <= len(frame):
+        if frame[at] != 0xFF:
+            return None
+        marker = frame[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = struct.unpack(">H", frame[at + 2 : at + 4])[0]
+        if marker in _SOF_MARKERS and at + 9 <= len(frame):
+            rows, cols = struct.unpack(">HH", frame[at + 5 : at + 9])
+            return rows, cols
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        at += 2 + length
+    return None
+
+
+def _refuse_codestream_bomb(ds, name: str, rows: int, cols: int) -> None:
+    """Refuse compressed pixel data whose codestream declares another size than Rows x Columns."""
+    from pydicom.encaps import generate_fragmented_frames
+
+    syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    if not (isinstance(syntax, UID) and syntax.is_transfer_syntax and syntax.is_encapsulated):
+        return  # native pixel data (its size is checked against the header), or no decoder for it anyway
+    try:
+        first = b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=1)))
+    except (StopIteration, *_PARSE_ERRORS) as exc:
+        raise DicomError(f"{name}: encapsulated pixel data has no readable frame ({_short(exc)})") from None
+    declared = codestream_size(first[:65536])
+    if declared is not None and declared != (rows, cols):
+        raise DicomError(
+            f"{name}: the compressed frame declares {declared[0]} x {declared[1]} pixels, "
+            f"the header {rows} x {cols}; refused before decoding"
+        )
 
 
 #: Decoders chosen by transfer syntax where the default one is not robust to hostile data: the
