@@ -15,7 +15,6 @@ from pathlib import Path
 
 # Imported here, before any worker thread starts: importing a package from two threads at once
 # can see it half-initialised.
-import pydicom
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -25,7 +24,8 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import ConfigError, DataError
+from ..data.dicom import header_text, read_dataset
+from ..errors import ConfigError, DataError, DicomError
 from .daemon import Daemon, Refused
 from .storage import content_key, file_content_key, uid_key
 from .tls import TlsFiles
@@ -37,11 +37,13 @@ PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".filepart", ".crdownload")
 
 
 def _instance_key_of_file(path: Path) -> str:
+    """The name of an inbox file's instance, read through the same guards as the worker (no deflate bomb
+    is expanded here either); an unreadable file is named by its bytes and quarantined by the worker."""
     try:
-        uid = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID")
-    except Exception:  # unreadable: the worker quarantines it with the reason; name it by its bytes
-        uid = None
-    return uid_key(str(uid)) if uid else file_content_key(path)
+        uid = header_text(read_dataset(path, stop_before_pixels=True), "SOPInstanceUID", path.name)
+    except DicomError:
+        uid = ""
+    return uid_key(uid) if uid else file_content_key(path)
 
 
 class InboxWatcher:
