@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import struct
 import time
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def _malformed(tiny_headct: Path, folder: Path) -> dict[str, bytes]:
     tiny.PixelData = np.zeros((8, 8), np.int16).tobytes()
     j2k = good[6]
     j2k.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    j2k.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 64])
+    size = struct.pack(">IIII", j2k.Columns, j2k.Rows, 0, 0)  # a SIZ marker stating the header's size
+    j2k.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51\x00\x29\x00\x00" + size + b"\x00" * 48])
     good[7].TextValue = "a note"  # (0040,A160) UT: a 4-byte length, declared below as nearly 2 GB
     absurd_length = bytearray(encoded(good[7]))
     marker = absurd_length.find(b"\x40\x00\x60\xa1UT")
