@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ class TestDicomFile:
         JPEG 2000: Pillow tries and fails on the corrupt stream)."""
         ds = pydicom.dcmread(one_dicom)
         ds.file_meta.TransferSyntaxUID = syntax
-        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 64])
+        size = struct.pack(">IIII", ds.Columns, ds.Rows, 0, 0)  # a SIZ marker stating the header's size
+        ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51\x00\x29\x00\x00" + size + b"\0" * 48])
         ds["PixelData"].is_undefined_length = True
         ds.save_as(tmp_path / "packed.dcm", enforce_file_format=True)
         expected = re.escape(f"packed.dcm: cannot decode pixel data in transfer syntax {syntax.name} ({syntax})")

@@ -101,6 +101,8 @@ def _refuse_deflate_bomb(fp: BinaryIO, name: str) -> None:
             raise DicomError(
                 f"{name}: the deflated data set inflates to over {MAX_INFLATED_BYTES >> 20} MB (a decompression bomb)"
             )
+        if not inflater.eof:
+            raise DicomError(f"{name}: the deflated data set does not inflate (the deflate stream is incomplete)")
     fp.seek(0)
 
 
