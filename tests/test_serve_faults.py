@@ -181,3 +181,22 @@ def test_a_spool_on_another_file_system_is_copied_into_the_quarantine(tmp_path):
         assert not leftovers(tmp_path / "out")
     finally:
         source.unlink()
+
+
+def test_a_resend_that_fails_to_sync_never_removes_the_copy_already_accepted(tmp_path, monkeypatch):
+    """The same instance spooled again while its first copy waits: if the second copy cannot be made
+    durable, the sender hears so, and the first, acknowledged copy stays for its queued job."""
+    spool = storage.Spool(tmp_path / "spool")
+    first = spool.accept("k1", "cstore", b"first copy")
+
+    def failing_sync(folder):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(storage, "fsync_dir", failing_sync)
+    with pytest.raises(OSError):
+        spool.accept("k1", "cstore", b"second copy")
+    assert first.exists()  # before: unlinked, and the acknowledged input lost
+    with pytest.raises(OSError):
+        spool.accept("k2", "cstore", b"never acknowledged")
+    assert not (spool.pending / "k2~cstore.dcm").exists()  # a new input that was refused is not kept
+    assert not leftovers(tmp_path)

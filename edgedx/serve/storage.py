@@ -23,6 +23,7 @@ import json
 import os
 import threading
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def _temporary(folder: Path, name: str) -> Path:
     return folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def _write_synced(path: Path, chunks) -> None:
+def _write_synced(path: Path, chunks: Iterable[bytes]) -> None:
     """Create ``path`` with the given byte chunks, fsynced; on any failure nothing is left behind.
 
     Every write goes through ``os`` calls (open, write, fsync, close), the operations a full or
@@ -68,45 +69,61 @@ def _write_synced(path: Path, chunks) -> None:
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except BaseException:
-        os.close(fd)
         path.unlink(missing_ok=True)
         raise
-    os.close(fd)
 
 
-def _file_chunks(file: Path, size: int = 1 << 20):
+def _file_chunks(file: Path, size: int = 1 << 20) -> Iterator[bytes]:
     with open(file, "rb") as f:
         yield from iter(lambda: f.read(size), b"")
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write ``path`` so that readers see the old content or the new, never a part (summaries)."""
+def _replace_with(path: Path, chunks: Iterable[bytes]) -> None:
+    """Put the chunks at ``path`` by a fsynced temporary file renamed over it; no temporary file survives a failure.
+
+    The caller syncs the folder: what a failure of that sync means differs (see :meth:`Spool.accept`).
+    """
     tmp = _temporary(path.parent, path.name)
-    _write_synced(tmp, [data])
+    _write_synced(tmp, chunks)
     try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
 
 
-def publish_once(path: Path, data: bytes) -> bool:
-    """Create ``path`` with ``data`` atomically unless it exists; False (nothing written) if it did."""
+def _link_new(path: Path, chunks: Iterable[bytes]) -> bool:
+    """Create ``path`` by a fsynced temporary file hard-linked into place; False if ``path`` existed."""
     tmp = _temporary(path.parent, path.name)
-    _write_synced(tmp, [data])
+    _write_synced(tmp, chunks)
     try:
         os.link(tmp, path)
     except FileExistsError:
         return False
     finally:
         tmp.unlink()
+    return True
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``path`` so that readers see the old content or the new, never a part (summaries)."""
+    _replace_with(path, [data])
+    fsync_dir(path.parent)
+
+
+def publish_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` atomically unless it exists; False (nothing written) if it did."""
+    if not _link_new(path, [data]):
+        return False
     fsync_dir(path.parent)
     return True
 
@@ -123,14 +140,7 @@ def link_into(source: Path, target: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        tmp = _temporary(target.parent, target.name)
-        _write_synced(tmp, _file_chunks(source))
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        _link_new(target, _file_chunks(source))
     fsync_dir(target.parent)
 
 
@@ -167,21 +177,17 @@ class Spool:
         """Copy a file into the spool durably (the inbox may be on another file system)."""
         return self._accept(key, source, _file_chunks(file))
 
-    def _accept(self, key: str, source: str, chunks) -> Path:
+    def _accept(self, key: str, source: str, chunks: Iterable[bytes]) -> Path:
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}")
         path = self.pending / f"{key}~{source}.dcm"
-        tmp = _temporary(self.pending, path.name)
-        _write_synced(tmp, chunks)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        earlier = path.exists()  # the same instance sent again while its first copy waits: already accepted
+        _replace_with(path, chunks)
         try:
             fsync_dir(self.pending)
         except BaseException:  # not durable, so not accepted: the sender is told so and sends again
-            path.unlink(missing_ok=True)
+            if not earlier:  # an earlier, acknowledged copy is never removed (its job is queued)
+                path.unlink(missing_ok=True)
             raise
         return path
 
