@@ -18,7 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from ..errors import DicomError, LabelError
 from ..preprocess import modality_lut
@@ -258,8 +258,9 @@ def image_from_dataset(ds, *, name: str = "dataset", modalities: Iterable[str] |
     header_int(ds, "PixelRepresentation", name, default=0, low=0, high=1)
     slope = header_float(ds, "RescaleSlope", name, default=1.0) or 1.0
     intercept = header_float(ds, "RescaleIntercept", name, default=0.0)
-    _refuse_codestream_bomb(ds, name, rows, cols)
-    pixels = _decoded_pixels(ds, name)
+    syntax = _transfer_syntax(ds)
+    _refuse_codestream_bomb(ds, name, rows, cols, syntax)
+    pixels = _decoded_pixels(ds, name, syntax)
     if pixels.shape != (rows, cols):
         raise DicomError(f"{name}: pixel array has shape {pixels.shape}, expected ({rows}, {cols})")
     image = modality_lut(pixels, slope, intercept)
@@ -303,12 +304,11 @@ def codestream_size(frame: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _refuse_codestream_bomb(ds, name: str, rows: int, cols: int) -> None:
+def _refuse_codestream_bomb(ds, name: str, rows: int, cols: int, syntax: UID | None) -> None:
     """Refuse compressed pixel data whose codestream declares another size than Rows x Columns."""
     from pydicom.encaps import generate_fragmented_frames
 
-    syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
-    if not (isinstance(syntax, UID) and syntax.is_transfer_syntax and syntax.is_encapsulated):
+    if not (syntax is not None and syntax.is_transfer_syntax and syntax.is_encapsulated):
         return  # native pixel data (its size is checked against the header), or no decoder for it anyway
     try:
         first = b"".join(next(generate_fragmented_frames(ds.PixelData, number_of_frames=1)))
@@ -324,18 +324,26 @@ def _refuse_codestream_bomb(ds, name: str, rows: int, cols: int) -> None:
 
 #: Decoders chosen by transfer syntax where the default one is not robust to hostile data: the
 #: pylibjpeg-rle plugin (Rust) panics on malformed RLE segments; pydicom's own RLE decoder raises.
-DECODING_PLUGINS = {"1.2.840.10008.1.2.5": "pydicom"}
+DECODING_PLUGINS = {RLELossless: "pydicom"}
+#: Type 1 attributes of a greyscale image that older files omit, and the decoder option standing in for each.
+GREYSCALE_DEFAULTS = {
+    "PhotometricInterpretation": ("photometric_interpretation", "MONOCHROME2"),
+    "SamplesPerPixel": ("samples_per_pixel", 1),
+}
 
 
-def _decoded_pixels(ds, name: str) -> np.ndarray:
-    options = {"photometric_interpretation": "MONOCHROME2", "samples_per_pixel": 1}
-    options = {k: v for k, v in options.items() if "".join(w.title() for w in k.split("_")) not in ds}
-    syntax = None
+def _transfer_syntax(ds) -> UID | None:
+    syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
+    return syntax if isinstance(syntax, UID) else None
+
+
+def _decoded_pixels(ds, name: str, syntax: UID | None) -> np.ndarray:
+    """The pixel array, decoded by the plugin chosen for ``syntax``; every failure is a DicomError."""
+    options = dict(value for keyword, value in GREYSCALE_DEFAULTS.items() if keyword not in ds)
+    if syntax in DECODING_PLUGINS:
+        options["decoding_plugin"] = DECODING_PLUGINS[syntax]
     try:
-        syntax = (getattr(ds, "file_meta", None) or {}).get("TransferSyntaxUID")
-        if syntax in DECODING_PLUGINS:
-            options["decoding_plugin"] = DECODING_PLUGINS[syntax]
-        if options:  # older files omit these Type 1 attributes of a greyscale image; checked before
+        if options:
             ds.pixel_array_options(**options)
         return ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:  # no decoder installed / every decoder failed
