@@ -146,15 +146,14 @@ class ServeConfig:
 
 
 class Refused(Exception):
-    """A new input was not accepted; ``reason`` is one of :data:`REFUSALS`."""
+    """A new input was not accepted; ``reason`` is ``busy`` (every slot taken, or stopping: HTTP 503)
+    or ``storage`` (space under the watermark, or writes failing: HTTP 507); C-STORE answers 0xA700 to both."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
 
 
-#: Why an input may be refused: every slot taken or stopping (503 / 0xA700), or storage low or failing (507 / 0xA700).
-REFUSALS = ("busy", "storage")
 #: Seconds between probe writes while storage is failing (readiness and new inputs wait for one to succeed).
 PROBE_SECONDS = 1.0
 #: Seconds before a spooled input whose outputs could not be written is tried again (doubling up to the last).
