@@ -138,9 +138,10 @@ IDLE_SECONDS = 60.0
 LISTEN_BACKLOG = 128
 #: Connections (association threads) held at once, of any state, as a multiple of --max-associations.
 CONNECTIONS_PER_ASSOCIATION = 8
-#: DUL states (PS3.8 9.2) of connections that hold no association: idle, a peer that has not asked
-#: for one yet, and a released association waiting for the peer to close the connection.
-NOT_ASSOCIATED = ("Sta1", "Sta2", "Sta13")
+#: DUL states (PS3.8 9.2): a connection whose peer has not asked for an association yet, and all the
+#: states that hold no association (idle, awaiting the request, released and awaiting the peer's close).
+AWAITING_REQUEST = "Sta2"
+NOT_ASSOCIATED = ("Sta1", AWAITING_REQUEST, "Sta13")
 
 
 class _CountingEstablishedAE(AE):
@@ -162,7 +163,11 @@ class _CountingEstablishedAE(AE):
 
     def silent_connections(self) -> list:
         """Acceptor connections whose peer has not sent an A-ASSOCIATE-RQ yet, oldest first."""
-        return [a for a in super().active_associations if a.is_acceptor and a.dul.state_machine.current_state == "Sta2"]
+        return [
+            a
+            for a in super().active_associations
+            if a.is_acceptor and a.dul.state_machine.current_state == AWAITING_REQUEST
+        ]
 
 
 def _release_waiting_acceptor(event) -> None:
@@ -180,8 +185,9 @@ class StoreSCP:
     """A DICOM Storage SCP and Verification SCP; an instance is acknowledged once it is spooled.
 
     Peers that connect and stay silent, abort mid-PDU or send slowly are cut off by the request
-    and idle timeouts; connections beyond ``CONNECTIONS_PER_ASSOCIATION * max_associations`` are
-    closed on arrival. With ``tls`` every connection is TLS (DICOM PS3.15 B.9, BCP 195); the
+    and idle timeouts. At ``CONNECTIONS_PER_ASSOCIATION * max_associations`` connections the
+    oldest silent one is dropped to admit a new one; a newcomer is closed on arrival only when
+    none is silent. With ``tls`` every connection is TLS (DICOM PS3.15 B.9, BCP 195); the
     handshake runs in the connection's own thread, under the request timeout, never in the accept loop.
     """
 

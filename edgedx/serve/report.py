@@ -99,7 +99,7 @@ def structured_report(source: Any, record: dict[str, Any], bundle: Bundle):
         relationship_type="INFERRED FROM",
     )
     scores = record["probabilities"]
-    shown = [bundle.class_names[1]] if len(scores) == 2 and "probability" in record else list(scores)
+    shown = [bundle.class_names[1]] if "probability" in record else list(scores)  # binary: the positive class
     items = [
         hd.sr.CodeContentItem(
             name=Code("decision", SCHEME, f"{bundle.name} decision"),
