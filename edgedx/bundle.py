@@ -15,6 +15,9 @@ Manifest, format version 1 (keys the runtime relies on)::
     preprocess: PreprocessSpec.to_dict()
     threshold: {value, policy, target_sensitivity}
     metrics: {val: {...}, test: {...}}
+    guard: InputGuard.summary() (optional; its arrays in guard.npz)   see edgedx.guard
+    models[role].calibration: Calibration.to_dict() (optional)        see edgedx.calibration
+    data.synthetic: SynthConfig fields, when trained on the embedded synthetic data (no path)
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .calibration import Calibration
 from .errors import BundleError
+from .guard import InputGuard
 from .preprocess import PreprocessSpec
 
 FORMAT = "edgedx-bundle"
@@ -68,6 +73,25 @@ class Bundle:
     @property
     def threshold(self) -> float | None:
         return self.manifest.get("threshold", {}).get("value")
+
+    def calibration(self, role: str) -> Calibration:
+        """The calibration of the model with ``role`` (none recorded: identity)."""
+        return Calibration.from_dict(self.manifest["models"].get(role, {}).get("calibration"))
+
+    def load_guard(self) -> InputGuard | None:
+        """The out-of-distribution guard, or None for a bundle made before guards existed."""
+        summary = self.manifest.get("guard")
+        if not summary:
+            return None
+        path = self.path / summary.get("file", "")
+        if not path.is_file():
+            raise BundleError(f"{self.path}: the guard file {summary.get('file')!r} is missing")
+        return InputGuard.load(summary, path.read_bytes())
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Whether the model was trained on the embedded synthetic data alone."""
+        return bool(self.manifest.get("data", {}).get("synthetic"))
 
     def model_path(self, role: str) -> Path:
         """Path of the model file with ``role`` (``keras``, ``tflite-int8``, ...)."""
@@ -133,7 +157,8 @@ def write_bundle(
         out: Bundle folder to create.
         manifest: Manifest body; ``format``, ``edgedx_version``, ``models`` and ``files`` are filled in.
         models: Role -> model file to copy in (a file, or a folder such as a SavedModel is refused).
-        files: Extra file name -> JSON-serialisable content (``history.json``, ...).
+        files: Extra file name -> bytes (written as they are) or JSON-serialisable content
+            (``history.json``, ...).
         overwrite: Replace an existing bundle at ``out``; otherwise an existing ``out`` is an error.
     """
     out = Path(out)
@@ -152,7 +177,10 @@ def write_bundle(
             model_records[role] = {"file": dest.name, "sha256": sha256_file(dest), "bytes": dest.stat().st_size}
         file_records = {}
         for name, content in (files or {}).items():
-            (staging / name).write_text(json.dumps(content, indent=2) + "\n")
+            if isinstance(content, bytes):
+                (staging / name).write_bytes(content)
+            else:
+                (staging / name).write_text(json.dumps(content, indent=2) + "\n")
             file_records[name] = sha256_file(staging / name)
         described = manifest.get("models", {})  # per-role details, e.g. quantization parameters
         body = {

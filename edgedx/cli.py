@@ -237,10 +237,24 @@ def train_command(
     target_sensitivity: Annotated[
         float | None, typer.Option(help="With --threshold sensitivity: the sensitivity to reach, e.g. 0.95.")
     ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Fine-tune from this trained bundle instead of starting from scratch (a site adapting a shipped "
+            "model to its own labelled scans): its architecture, weights and preprocessing are kept."
+        ),
+    ] = None,
+    freeze_layers: Annotated[
+        int, typer.Option(help="With --init: keep the first N layers with weights as they are.")
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
 ) -> None:
-    """Train a float CNN and write a model bundle (model.keras, manifest.json, history.json)."""
+    """Train a float CNN and write a model bundle (model.keras, manifest.json, history.json, guard.npz).
+
+    The bundle also gets a calibration of its probabilities and an out-of-distribution guard, both
+    fitted on validation data.
+    """
     with _user_errors():
         from .data import default_dataset, load_dataset
         from .train import TrainConfig, train
@@ -258,7 +272,10 @@ def train_command(
             augment=augment,
             threshold_policy=threshold.value,
             target_sensitivity=target_sensitivity,
+            freeze_layers=freeze_layers,
         )
+        if freeze_layers and init is None:
+            raise ConfigError("--freeze-layers keeps layers of an initial model: use it with --init BUNDLE")
         with _progress() as report:
             dataset = (
                 load_dataset(data)
@@ -274,7 +291,7 @@ def train_command(
                         highlight=False,
                     )
 
-            result = train(dataset, out, config, progress=report, on_epoch=on_epoch, overwrite=overwrite)
+            result = train(dataset, out, config, init=init, progress=report, on_epoch=on_epoch, overwrite=overwrite)
     if as_json:
         console.print_json(
             data={
@@ -319,6 +336,14 @@ def info_command(
     console.print(f"input       {m['input']['shape']} {m['input']['dtype']}; {spec.input}: {windows}")
     console.print(f"threshold   {_fmt(b.threshold)} ({m.get('threshold', {}).get('policy')})")
     console.print(f"data        {m.get('data', {}).get('name')} from {m.get('data', {}).get('source')}")
+    if b.synthetic_only:
+        console.print("[bold yellow]trained on synthetic data only: not validated on real scans[/]")
+    guard = m.get("guard")
+    if guard:
+        rates = ", ".join(f"{split} {rate:.1%}" for split, rate in guard.get("flag_rate", {}).items())
+        console.print(f"guard       {guard['components']} components; flags {rates}")
+    else:
+        console.print("guard       none (a bundle made before guards): every input is classified")
     for role, rec in m["models"].items():
         console.print(f"model       {role}: {rec['file']} {rec['bytes']:,} bytes sha256 {rec['sha256'][:16]}")
     if m.get("metrics"):
@@ -483,10 +508,12 @@ def compress_command(
 
 def _bench_table(result: Any) -> Table:
     table = Table(title=f"bench on {result.device.name}")
-    for header in ("model", "precision", "AUC", "sens", "spec", "flips", "p50 ms", "p95 ms", "img/s", "RSS MB", "KB"):
+    headers = ("model", "precision", "AUC", "sens", "spec", "flips", "ECE", "OOD", "p50 ms", "p95 ms", "img/s")
+    for header in (*headers, "RSS MB", "KB"):
         table.add_column(header, justify="left" if header in ("model", "precision") else "right")
     for r in result.rows:
         c, d = r["clinical"], r["device"]
+        flagged = c.get("guard_flag_rate")
         table.add_row(
             r["bundle"] + (" *" if r["deploy"] else ""),
             r["precision"],
@@ -494,6 +521,8 @@ def _bench_table(result: Any) -> Table:
             _fmt(c["sensitivity"]),
             _fmt(c["specificity"]),
             f"{c['flips']:.1%}",
+            _fmt(c.get("ece")),
+            "-" if flagged is None else f"{flagged:.1%}",
             f"{d['p50_ms']:.2f}",
             f"{d['p95_ms']:.2f}",
             f"{d['throughput_per_s']:.0f}",
@@ -523,6 +552,13 @@ def bench_command(
     import_file: Annotated[
         Path | None, typer.Option("--import", help="Fold a kit's results.json into a report instead.")
     ] = None,
+    ood: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder of DICOM files that are not the model's data (other body parts, modalities, "
+            "scanners): the report says which the out-of-distribution guard flags and what the rest get."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Measure float vs compressed models: clinical figures and device figures against a profile's budgets.
@@ -546,7 +582,7 @@ def bench_command(
             return
         else:
             with _progress() as report:
-                result = bench(bundles, device, data=data, runs=runs, warmup=warmup, out=out, progress=report)
+                result = bench(bundles, device, data=data, runs=runs, warmup=warmup, out=out, ood=ood, progress=report)
     if as_json:
         rows = [{k: v for k, v in row.items() if k not in ("scores", "latency_ms")} for row in result.rows]
         console.print_json(
@@ -562,6 +598,13 @@ def bench_command(
         console.print(_bench_table(result))
         for note in result.notes:
             console.print(f"  {note}", highlight=False)
+        for entry in result.ood or []:
+            console.print(
+                f"  --ood {entry['folder']}: {entry['bundle']} flagged {entry['flagged']} of {len(entry['files'])} "
+                f"files, classified {entry['classified']} ({entry['positive']} positive), "
+                f"{entry['unreadable']} unreadable",
+                highlight=False,
+            )
         console.print(f"report written to {result.out}/report.md (* = the bundle's deployed model)")
     if result.missed:
         for missed in result.missed:
@@ -690,8 +733,16 @@ def serve_command(
         service.start()
         model = service.daemon.models[0]
         table = Table(title=f"edgedx serve {__version__}", show_header=False)
+        decided = "argmax" if model.threshold is None else f"threshold {model.threshold:.4f}"
+        table.add_row("model", f"{service.bundle.name} ({model.role}, {model.backend}, {decided})")
+        if service.bundle.synthetic_only:
+            table.add_row("[bold yellow]trained on[/]", "[bold yellow]synthetic data only: not validated on real scans")
+        guard = model.guard
         table.add_row(
-            "model", f"{service.bundle.name} ({model.role}, {model.backend}, threshold {model.threshold:.4f})"
+            "guard",
+            "none in this bundle: every input is classified"
+            if guard is None
+            else f"flagged inputs get no decision ({guard.rates.get('test', 0):.1%} of test inputs flagged)",
         )
         table.add_row("workers", f"{workers} x {threads} thread(s), queue {queue_size}")
         for listener in service.listeners():

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
+from .calibration import expected_calibration_error
 from .errors import ConfigError, DataError
 
 
@@ -81,7 +82,8 @@ def evaluate(
 
     Returns:
         ``auc``, ``auc_ci95``, ``accuracy``, ``sensitivity``, ``specificity``, ``ppv``, ``npv``,
-        ``confusion_matrix`` (rows = truth), ``n`` and, for binary tasks, ``threshold``.
+        ``confusion_matrix`` (rows = truth), ``n``, ``ece`` (expected calibration error, 15 bins)
+        and, for binary tasks, ``threshold``.
         Multi-class sensitivity, specificity, PPV and NPV are macro averages over classes.
     """
     y = np.asarray(y).astype(np.int64).reshape(-1)
@@ -110,6 +112,7 @@ def evaluate(
         if has_both
         else [float("nan")] * 2,
         "accuracy": float(tp.sum() / cm.sum()),
+        "ece": expected_calibration_error(y, scores),
     }
     if binary:  # the positive class is 1
         result |= {

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from .calibration import Calibration
 from .errors import ConfigError
 
 
-def probabilities(logits: np.ndarray, activation: str) -> np.ndarray:
-    """Logits (N, 1) or (N, K) -> probabilities: (N,) positive-class for sigmoid, (N, K) for softmax."""
+def probabilities(logits: np.ndarray, activation: str, calibration: Calibration | None = None) -> np.ndarray:
+    """Logits (N, 1) or (N, K) -> probabilities: (N,) positive-class for sigmoid, (N, K) for softmax.
+
+    ``calibration`` (the model's own, from the manifest) is applied to the logits first.
+    """
     z = np.asarray(logits, np.float64)
+    if calibration is not None:
+        z = calibration.apply(z)
     if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-z.reshape(len(z), -1)[:, 0]))
+        return np.exp(-np.logaddexp(0.0, -z.reshape(len(z), -1)[:, 0]))  # 1 / (1 + e^-z), without overflow
     if activation == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)

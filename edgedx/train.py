@@ -11,16 +11,18 @@ import datetime as dt
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import metrics as clinical
-from .bundle import Bundle, write_bundle
+from .bundle import Bundle, read_bundle, write_bundle
+from .calibration import Calibration, fit_to_labels
 from .data import Dataset, prepare_split
 from .errors import ConfigError, DataError
+from .guard import GUARD_FILE, Scope, fit_guard, flag_rate
 from .outputs import probabilities
 from .preprocess import PreprocessSpec, channel_statistics, normalize, parse_windows
 
@@ -32,6 +34,10 @@ EpochFn = Callable[[int, dict[str, float]], None]
 THRESHOLD_POLICIES = ("youden", "sensitivity")
 #: Validation AUCs closer than this are a tie for early stopping.
 AUC_TIE = 1e-4
+SYNTHETIC_ONLY = (
+    "Trained on synthetic head-CT data only (edgedx data synth): it has never seen a real scan, and its "
+    "results on real scans mean nothing until it is fine-tuned and validated on them."
+)
 INTENDED_USE = (
     "Research and engineering evaluation of on-device inference. Not a medical device; "
     "not for diagnosis or clinical decisions."
@@ -54,8 +60,11 @@ class TrainConfig:
     augment: bool = True
     threshold_policy: str = "youden"
     target_sensitivity: float | None = None
+    freeze_layers: int = 0  # with an initial bundle: keep its first N layers as they are
 
     def __post_init__(self) -> None:
+        if self.freeze_layers < 0:
+            raise ConfigError(f"freeze layers must be >= 0, got {self.freeze_layers}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -119,9 +128,16 @@ def training_spec(dataset: Dataset, size: int, windows: tuple[str, ...]) -> Prep
     )
 
 
-def predict_scores(model, x: np.ndarray, activation: str, batch_size: int = 256) -> np.ndarray:
+def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Raw outputs of a Keras model, (N, outputs)."""
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), np.float64)
+
+
+def predict_scores(
+    model, x: np.ndarray, activation: str, batch_size: int = 256, calibration: Calibration | None = None
+) -> np.ndarray:
     """Probabilities from a Keras model: (N,) positive class for binary, (N, K) otherwise."""
-    return probabilities(model.predict(x, batch_size=batch_size, verbose=0), activation)
+    return probabilities(predict_logits(model, x, batch_size), activation, calibration)
 
 
 def _augmenter(keras, hflip: bool):
@@ -246,10 +262,10 @@ def _ValidationAUC(
 
 
 def evaluate_model(
-    model, data: PreparedData, activation: str, config: TrainConfig
+    model, data: PreparedData, activation: str, config: TrainConfig, calibration: Calibration | None = None
 ) -> tuple[float | None, dict[str, dict[str, Any]]]:
-    """Choose the threshold on validation data, then measure validation and test metrics."""
-    scores = {s: predict_scores(model, data.x[s], activation) for s in ("val", "test")}
+    """Choose the threshold on (calibrated) validation scores, then measure validation and test metrics."""
+    scores = {s: predict_scores(model, data.x[s], activation, calibration=calibration) for s in ("val", "test")}
     threshold = None
     if activation == "sigmoid":
         threshold = clinical.choose_threshold(
@@ -263,16 +279,22 @@ def train(
     out: Path | str,
     config: TrainConfig = TrainConfig(),
     *,
+    init: Path | str | None = None,
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
     """Train a float model on ``dataset`` and write it as a bundle at ``out``.
 
+    Besides the model, the bundle gets its calibration (Platt or temperature scaling on validation
+    logits), the threshold on calibrated validation scores, and the out-of-distribution guard.
+
     Args:
         dataset: Labelled images with train/val/test splits (see :func:`edgedx.data.load_dataset`).
         out: Bundle folder to create.
         config: Architecture, input size, windows, epochs and the threshold policy.
+        init: A trained bundle to fine-tune from (a site adapting a shipped model to its own data):
+            its architecture, weights and preprocessing are kept; the manifest records its hash.
         progress: Progress callback for preprocessing and training batches.
         on_epoch: Called after every epoch with its figures.
         overwrite: Replace an existing bundle at ``out``.
@@ -281,29 +303,34 @@ def train(
         The bundle, its validation and test metrics and the wall time.
     """
     from ._tf import keras, tf
-    from .models import count_macs, count_parameters, create_model
+    from .models import count_macs, count_parameters
 
     out = Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or remove it first")
-    for split in ("train", "val"):
-        present = np.unique(dataset.splits[split].labels).size
-        if present < dataset.num_classes:
-            raise DataError(
-                f"{dataset.source}: the {split} split has {present} of {dataset.num_classes} classes; "
-                "training and threshold selection need every class in both train and val"
-            )
+    _check_classes(dataset)
     start = time.perf_counter()
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
-    size = config.input_size or dataset.default_size
-    data = prepare_data(dataset, training_spec(dataset, size, config.windows), progress)
-    model = create_model(config.arch, (size, size, data.spec.channels), dataset.num_classes, width=config.width)
+    parent = read_bundle(init) if init is not None else None
+    if parent is not None:
+        _check_parent(parent, dataset)
+        spec = parent.preprocess  # the parent's inputs, normalisation included
+        config = replace(config, arch=parent.manifest["arch"]["name"], width=parent.manifest["arch"].get("width"))
+    else:
+        spec = training_spec(dataset, config.input_size or dataset.default_size, config.windows)
+    data = prepare_data(dataset, spec, progress)
+    model = _initial_model(parent, config, data.spec, dataset.num_classes)
     activation = "sigmoid" if dataset.num_classes == 2 else "softmax"
     history = fit(
         model, data, config, activation=activation, hflip=dataset.hflip_ok, progress=progress, on_epoch=on_epoch
     )
-    threshold, measured = evaluate_model(model, data, activation, config)
+    for layer in model.layers:  # a bundle's model is whole again, whatever was frozen for fine-tuning
+        layer.trainable = True
+    calibration = fit_to_labels(predict_logits(model, data.x["val"]), data.y["val"])
+    threshold, measured = evaluate_model(model, data, activation, config, calibration)
+    guard = fit_guard(data.x["train"], data.x["val"], Scope.for_training(_modalities(dataset), dataset.body_parts))
+    guard = guard.with_rates(test=flag_rate(guard, data.x["test"]))
     params, nonzero = count_parameters(model)
     seconds = time.perf_counter() - start
     best = max(history, key=lambda row: row["val_auc"])
@@ -324,9 +351,9 @@ def train(
             "activation": activation,
         },
         "input": {
-            "shape": [1, size, size, data.spec.channels],
+            "shape": [1, data.spec.size, data.spec.size, data.spec.channels],
             "dtype": "float32",
-            "modality": ["CT"] if dataset.input == "hu" else None,
+            "modality": _modalities(dataset),
         },
         "preprocess": data.spec.to_dict(),
         "threshold": {
@@ -334,6 +361,8 @@ def train(
             "policy": config.threshold_policy if threshold is not None else "argmax",
             "target_sensitivity": config.target_sensitivity,
         },
+        "models": {"keras": {"calibration": calibration.to_dict()}},
+        "guard": guard.summary(),
         "data": {**dataset.summary(), "fingerprint": data.fingerprints},
         "training": {
             "config": asdict(config),
@@ -341,9 +370,10 @@ def train(
             "best_epoch": best["epoch"],
             "seconds": round(seconds, 1),
             "tensorflow": tf.__version__,
+            **({"init": _parent_record(parent)} if parent is not None else {}),
         },
         "metrics": measured,
-        "intended_use": INTENDED_USE,
+        "intended_use": intended_use(dataset),
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "model.keras"
@@ -351,6 +381,66 @@ def train(
         deployable.set_weights(model.get_weights())
         deployable.save(model_file)
         bundle = write_bundle(
-            out, manifest, models={"keras": model_file}, files={"history.json": history}, overwrite=overwrite
+            out,
+            manifest,
+            models={"keras": model_file},
+            files={"history.json": history, GUARD_FILE: guard.arrays()},
+            overwrite=overwrite,
         )
     return TrainResult(bundle=bundle, metrics=measured, seconds=seconds)
+
+
+def intended_use(dataset: Dataset) -> str:
+    """The manifest's intended-use statement; a model of synthetic data says so first."""
+    if dataset.synthetic:
+        return f"{SYNTHETIC_ONLY} {INTENDED_USE}"
+    return INTENDED_USE
+
+
+def _modalities(dataset: Dataset) -> list[str] | None:
+    return ["CT"] if dataset.input == "hu" else None
+
+
+def _check_classes(dataset: Dataset) -> None:
+    for split in ("train", "val"):
+        present = np.unique(dataset.splits[split].labels).size
+        if present < dataset.num_classes:
+            raise DataError(
+                f"{dataset.source}: the {split} split has {present} of {dataset.num_classes} classes; "
+                "training and threshold selection need every class in both train and val"
+            )
+
+
+def _check_parent(parent: Bundle, dataset: Dataset) -> None:
+    """An initial bundle must take the same kind of input and predict the same classes."""
+    if "keras" not in parent.manifest["models"]:
+        raise ConfigError(f"{parent.path}: --init needs a bundle with its Keras model (one made by edgedx train)")
+    if parent.preprocess.input != dataset.input:
+        raise ConfigError(
+            f"{parent.path} takes {parent.preprocess.input!r} images; {dataset.source} holds {dataset.input!r} ones"
+        )
+    if parent.class_names != list(dataset.class_names):
+        raise ConfigError(
+            f"{parent.path} predicts {', '.join(parent.class_names)}; {dataset.source} is labelled "
+            f"{', '.join(dataset.class_names)}"
+        )
+
+
+def _parent_record(parent: Bundle) -> dict[str, Any]:
+    return {"name": parent.name, "keras_sha256": parent.manifest["models"]["keras"]["sha256"]}
+
+
+def _initial_model(parent: Bundle | None, config: TrainConfig, spec: PreprocessSpec, classes: int):
+    """A new network, or the initial bundle's with its first ``config.freeze_layers`` layers frozen."""
+    from ._tf import keras
+    from .models import create_model
+
+    if parent is None:
+        return create_model(config.arch, (spec.size, spec.size, spec.channels), classes, width=config.width)
+    model = keras.models.load_model(parent.model_path("keras"), compile=False)
+    weighted = [layer for layer in model.layers if layer.weights]
+    if config.freeze_layers > len(weighted):
+        raise ConfigError(f"--freeze-layers {config.freeze_layers}: the model has {len(weighted)} layers with weights")
+    for layer in weighted[: config.freeze_layers]:
+        layer.trainable = False
+    return model

@@ -11,7 +11,7 @@ from conftest import needs_tf
 
 from edgedx.bundle import read_bundle
 from edgedx.compress import CompressConfig, compress
-from edgedx.data import load_dataset
+from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import CompressionRefused, ConfigError
 from edgedx.preprocess import to_model_inputs
 from edgedx.runtime import Model
@@ -63,7 +63,7 @@ def test_int8_post_training(parent, tmp_path):
     assert quantized["bytes"] < 0.4 * parent_row["bytes"]
     assert quantized["flips"] <= 0.1
 
-    dataset = load_dataset(m["data"]["source"])
+    dataset = recorded_dataset(m["data"])
     x = to_model_inputs(dataset.splits["test"].images(), result.bundle.preprocess)
     int8 = Model.load(result.bundle.path).predict_inputs(x)
     float32 = Model.load(result.bundle.path, role="tflite-float32").predict_inputs(x)
@@ -182,7 +182,7 @@ def test_int8_keeping_the_first_op_float(parent):
     from edgedx.compress.quantize import int8_keeping_first_ops_float
 
     model = keras.models.load_model(parent.model_path("keras"), compile=False)
-    x = to_model_inputs(load_dataset(parent.manifest["data"]["source"]).splits["train"].images(), parent.preprocess)
+    x = to_model_inputs(recorded_dataset(parent.manifest["data"]).splits["train"].images(), parent.preprocess)
     one, two = int8_keeping_first_ops_float(model, x[:16], (1, 2))
     assert len(one.float_ops) == 1 and two.float_ops[0] == one.float_ops[0] and len(two.float_ops) == 2
     assert one.input["dtype"] == one.output["dtype"] == "int8"

@@ -163,7 +163,7 @@ def test_fuzzed_files_through_the_daemon_all_accounted_for(tmp_path, tiny_headct
         registry = service.daemon.metrics.registry
 
         def outcomes() -> dict[str, float]:
-            names = ("positive", "negative", "quarantined", "duplicate", "error")
+            names = ("positive", "negative", "out_of_distribution", "quarantined", "duplicate", "error")
             got = {
                 o: registry.get_sample_value("edgedx_inputs_total", {"source": "inbox", "outcome": o}) for o in names
             }
@@ -176,7 +176,8 @@ def test_fuzzed_files_through_the_daemon_all_accounted_for(tmp_path, tiny_headct
     print(f"\nfuzzed inbox: {final}")
     assert sum(final.values()) == count and final["error"] == 0
     out = config.out
-    assert len(list(out.glob("series/*/instances/*.json"))) == final["positive"] + final["negative"]
+    published = final["positive"] + final["negative"] + final["out_of_distribution"]
+    assert len(list(out.glob("series/*/instances/*.json"))) == published
     assert len(list((out / "quarantine").glob("*.json"))) == final["quarantined"]
     assert not [r for r in caplog.records if r.exc_info or "internal error" in r.getMessage()]
     assert not list((out / ".spool" / "pending").iterdir())

@@ -136,8 +136,6 @@ def _malformed(tiny_headct: Path, folder: Path) -> dict[str, bytes]:
     del no_pixels.PixelData
     huge = good[2]
     huge.Rows, huge.Columns = 60000, 60000
-    mr = good[3]
-    mr.Modality = "MR"
     rgb = good[4]
     rgb.PhotometricInterpretation = "PALETTE COLOR"
     tiny = good[5]
@@ -157,7 +155,6 @@ def _malformed(tiny_headct: Path, folder: Path) -> dict[str, bytes]:
         "empty": b"",
         "no-pixel-data": encoded(no_pixels),
         "absurd-dimensions": encoded(huge),
-        "wrong-modality": encoded(mr),
         "palette-colour": encoded(rgb),
         "too-small": encoded(tiny),
         "undecodable-jpeg2000": encoded(j2k),
@@ -177,7 +174,6 @@ def test_malformed_corpus_is_quarantined_and_the_daemon_lives(service, tiny_head
         "not a DICOM file",
         "no pixel data",
         "image is 60000 x 60000",
-        "Modality is 'MR'",
         "PhotometricInterpretation is 'PALETTE COLOR'",
         "expected at least 32",
         "cannot decode",
@@ -376,11 +372,11 @@ def test_sigterm_drains_and_no_phi_reaches_logs_metrics_or_results(tmp_path, tin
     assert httpx.post(f"{url}/v1/predict", content=buffer.getvalue(), timeout=30).status_code == 200
     bad = io.BytesIO()
     broken = instances(tiny_headct, 1, tag="phi-bad")[0]
-    broken.Modality = "MR"
+    del broken.PixelData
     broken.save_as(bad, enforce_file_format=True)
     assert httpx.post(f"{url}/v1/predict", content=bad.getvalue(), timeout=30).status_code == 422
     out = tmp_path / "out"
-    wait_for(lambda: len(results(out)) == 8 and len(quarantined(out)) == 10, timeout=60, what="all outputs")
+    wait_for(lambda: len(results(out)) == 8 and len(quarantined(out)) == 9, timeout=60, what="all outputs")
     metrics = httpx.get(f"{url}/metrics").text
     assert daemon.terminate() == 0
     log = (tmp_path / "daemon.log").read_text()
@@ -437,3 +433,42 @@ def test_series_summary_binary_takes_the_top_slice_and_multiclass_counts_labels(
     summary = series_summary(multiclass, class_names=three, threshold=None)
     assert summary["label"] == "kidney" and summary["labels"] == {"liver": 1, "kidney": 2, "spleen": 0}
     assert summary["maximum_probabilities"]["liver"] == 0.6 and "probability" not in summary
+
+
+def test_series_summary_leaves_out_of_distribution_slices_out_and_counts_them():
+    from edgedx.serve.daemon import series_summary
+
+    classified = {"instance": "a", "probability": 0.2, "probabilities": {"no": 0.8, "yes": 0.2}, "label": "no"}
+    flagged = {"instance": "b", "probability": 0.99, "probabilities": {"no": 0.01, "yes": 0.99}, "label": None}
+    flagged |= {"in_distribution": False, "decision": None}
+    summary = series_summary([classified, flagged], class_names=["no", "yes"], threshold=0.5)
+    assert (summary["label"], summary["out_of_distribution"], summary["top_instance"]) == ("no", 1, "a")
+    alone = series_summary([flagged], class_names=["no", "yes"], threshold=0.5)
+    assert alone["status"] == "out_of_distribution" and alone["decision"] is None and alone["out_of_distribution"] == 1
+
+
+def test_out_of_scope_inputs_get_an_out_of_distribution_result_sr_and_count(service, tiny_headct):
+    """An MR slice and a localizer reach a head-CT node: results with no decision, an SR saying why, a count."""
+    import highdicom as hd
+
+    mr, scout = instances(tiny_headct, 2, tag="out-of-scope")
+    mr.Modality = "MR"
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    assert send(service.scp.port, [mr, scout]) == [0x0000] * 2
+    out = service.config.out
+    found = wait_for(lambda: len(results(out)) == 2 and results(out), what="two results")
+    for record in found.values():
+        assert record["status"] == "out_of_distribution" and record["in_distribution"] is False
+        assert record["decision"] is None and record["label"] is None and record["ood_reasons"]
+    reasons = sorted(r["ood_reasons"][0] for r in found.values())
+    assert reasons[0].startswith("a localizer") and reasons[1].startswith("modality MR")
+    series = wait_for(
+        lambda: [json.loads(p.read_text()) for p in out.glob("series/*/series.json")],
+        what="the series result",
+    )
+    assert sum(s["out_of_distribution"] for s in series) == 2
+    assert all(s["status"] == "out_of_distribution" and s["decision"] is None for s in series)
+    sr = hd.sr.srread(next(out.glob("series/*/instances/*.sr.dcm")))
+    assert "indeterminate" in str(sr)
+    metrics = httpx.get(f"http://127.0.0.1:{service.http.port}/metrics").text
+    assert re.search(r'edgedx_inputs_total\{outcome="out_of_distribution",source="cstore"\} 2\.0', metrics), metrics

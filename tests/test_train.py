@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import needs_tf
 
 from edgedx.bundle import read_bundle
-from edgedx.data import load_dataset
+from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import ConfigError
 from edgedx.preprocess import to_model_inputs
 from edgedx.train import TrainConfig, predict_scores, train  # TF itself is imported lazily
@@ -77,10 +80,60 @@ def test_headct_hu_pipeline(tiny_headct, tmp_path):
     )
     spec = result.bundle.preprocess
     assert [w.name for w in spec.windows] == ["brain", "subdural", "bone"] and spec.channels == 3
-    assert result.bundle.manifest["input"]["modality"] == ["CT"]
+    m = result.bundle.manifest
+    assert m["input"]["modality"] == ["CT"]
+    # synthetic data is recorded by what made it, never by a machine path, and says so everywhere
+    assert m["data"]["source"] == "synthetic" and m["data"]["synthetic"]["studies"] == 10
+    assert str(tiny_headct) not in json.dumps(m) and result.bundle.synthetic_only
+    assert m["intended_use"].startswith("Trained on synthetic head-CT data only")
+    assert recorded_dataset(m["data"]).splits["test"].ids == load_dataset(tiny_headct).splits["test"].ids
+    assert set(result.bundle.load_guard().scope.body_parts) == {"HEAD", "BRAIN", "SKULL"}
 
 
-def test_multiclass(tmp_path):
+def test_bundle_carries_its_guard_and_calibration(trained):
+    _, result, _ = trained
+    bundle = read_bundle(result.bundle.path)
+    guard = bundle.load_guard()
+    assert guard is not None and (bundle.path / "guard.npz").is_file()
+    n_val = bundle.manifest["data"]["splits"]["val"]["images"]
+    assert bundle.manifest["guard"]["flag_rate"]["val"] <= max(0.01, 2 / n_val)  # a tiny set: its top one per statistic
+    assert "test" in bundle.manifest["guard"]["flag_rate"]
+    calibration = bundle.calibration("keras")
+    assert calibration.method == "platt" and calibration.scale > 0
+    assert 0 <= bundle.manifest["metrics"]["test"]["ece"] <= 1
+    stripes = np.zeros((1, 16, 16, 1), np.float32)
+    stripes[..., ::2, :] = 10.0
+    assert guard.scores(stripes)[0] > 1
+
+
+def test_init_fine_tunes_from_a_bundle_with_frozen_layers(trained, tmp_path):
+    from edgedx._tf import keras
+
+    dataset, result, _ = trained
+    parent = read_bundle(result.bundle.path)
+    tuned = train(
+        dataset,
+        tmp_path / "tuned",
+        TrainConfig(arch="resnet-small", epochs=1, batch_size=16, freeze_layers=1),  # arch comes from the parent
+        init=parent.path,
+    )
+    m = tuned.bundle.manifest
+    assert m["training"]["init"] == {"name": parent.name, "keras_sha256": parent.manifest["models"]["keras"]["sha256"]}
+    assert m["arch"]["name"] == "seed-cnn" and m["preprocess"] == parent.manifest["preprocess"]
+    before = keras.models.load_model(parent.model_path("keras"), compile=False)
+    after = keras.models.load_model(tuned.bundle.model_path("keras"), compile=False)
+    first = next(i for i, layer in enumerate(before.layers) if layer.weights)
+    for w0, w1 in zip(before.layers[first].get_weights(), after.layers[first].get_weights(), strict=True):
+        np.testing.assert_array_equal(w0, w1)  # frozen
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights(), strict=True)
+    )  # the rest trained
+    three = load_dataset(_three_classes(tmp_path))
+    with pytest.raises(ConfigError, match="predicts class-0, class-1"):
+        train(three, tmp_path / "no", TrainConfig(epochs=1), init=parent.path)
+
+
+def _three_classes(folder) -> Path:
     rng = np.random.default_rng(1)
     arrays = {}
     for split, n in (("train", 60), ("val", 30), ("test", 30)):
@@ -88,14 +141,19 @@ def test_multiclass(tmp_path):
         images = rng.integers(0, 30, (n, 12, 12)).astype(np.uint8)
         images += (80 * labels).astype(np.uint8)[:, None, None]  # class = brightness level
         arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels[:, None]
-    np.savez(tmp_path / "three.npz", **arrays)
+    np.savez(folder / "three.npz", **arrays)
+    return folder / "three.npz"
+
+
+def test_multiclass(tmp_path):
     result = train(
-        load_dataset(tmp_path / "three.npz"),
+        load_dataset(_three_classes(tmp_path)),
         tmp_path / "b",
         TrainConfig(arch="seed-cnn", width=0.25, epochs=15, batch_size=16, learning_rate=3e-3),
     )
     assert result.bundle.manifest["task"]["activation"] == "softmax" and result.bundle.threshold is None
     assert result.metrics["test"]["accuracy"] > 0.8
+    assert result.bundle.calibration("keras").method == "temperature"
 
 
 def test_refuses_existing_output(trained):

@@ -11,13 +11,14 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..bundle import Bundle, read_bundle
-from ..data import load_dataset
+from ..data import recorded_dataset
 from ..devices import load_profile, parse_profile
 from ..errors import BundleError, ConfigError, DataError
 from ..outputs import decisions
@@ -71,7 +72,7 @@ def _test_inputs(
     bundles: Sequence[Bundle], data: Path | str | None, limit: int | None, seed: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels of the test split (or a sample of it) and, per bundle path, its preprocessed inputs."""
-    dataset = load_dataset(data or bundles[0].manifest["data"]["source"])
+    dataset = recorded_dataset(bundles[0].manifest["data"], data)
     test = dataset.splits["test"]
     index = np.arange(len(test))
     if limit and limit < len(index):
@@ -104,6 +105,7 @@ def bench(
     warmup: int = 20,
     out: Path | str | None = None,
     include_keras: bool = True,
+    ood: Path | str | None = None,
     progress: ProgressFn | None = None,
 ) -> BenchResult:
     """Measure every model of ``bundles`` on the test split and against ``device``'s budgets.
@@ -115,6 +117,8 @@ def bench(
         data: Dataset to take the test split from; default: the source the first bundle records.
         runs: Timed single-image predictions per model, after ``warmup`` untimed ones.
         out: Folder for ``bench.json``, ``report.md`` and plots; ``None`` writes nothing.
+        ood: A folder of inputs that are not the model's data (other body parts, modalities,
+            scanners): what each bundle's deployed model says of each (see :func:`ood_report`).
     """
     if runs < 1 or warmup < 0:
         raise ConfigError(f"need runs >= 1 and warmup >= 0, got {runs} and {warmup}")
@@ -147,8 +151,68 @@ def bench(
         if progress:
             progress("measured", len(plan), len(plan))
     reference = _reference_decisions(plan, {i: np.asarray(m["probe"]["probabilities"]) for i, m in enumerate(measured)})
+    rates = _guard_flag_rates(read, inputs)
+    measured = [m | {"guard_flag_rate": rates.get(m["bundle_path"])} for m in measured]
     result = summarize(measured, labels, reference, profile, where={"machine": machine(), "source": "edgedx bench"})
+    if ood is not None:
+        result = replace(result, ood=[ood_report(b, ood) for b in read if _deploy_role(b)])
     return write_report(result, Path(out)) if out is not None else result
+
+
+def _guard_flag_rates(bundles: Sequence[Bundle], inputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """Share of the test inputs each bundle's out-of-distribution guard flags (bundles without one: absent)."""
+    rates = {}
+    for b in bundles:
+        guard = b.load_guard()
+        if guard is not None:
+            rates[str(b.path)] = float(np.mean(guard.scores(inputs[str(b.path)]) > 1.0))
+    return rates
+
+
+def ood_report(bundle: Bundle, folder: Path | str) -> dict[str, Any]:
+    """What a bundle's deployed model says of every file under ``folder`` (DICOM that is not its data).
+
+    Each file is ``out_of_distribution`` (the guard or the header check flagged it, with why),
+    ``positive`` or ``negative`` (classified, with its probability), or ``unreadable`` (refused
+    as DICOM, with the reason): the daemon's outcomes, through the same prediction path.
+    """
+    from ..errors import DicomError
+    from ..runtime import Model
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--ood {folder}: not a folder")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"--ood {folder}: no files")
+    model = Model.load(bundle, role=_deploy_role(bundle))
+    rows = []
+    for path in files:
+        name = str(path.relative_to(folder))
+        try:
+            p = model.predict(path, name=name)
+        except DicomError as exc:
+            rows.append({"file": name, "status": "unreadable", "why": str(exc).removeprefix(f"{name}: ")})
+            continue
+        row: dict[str, Any] = {"file": name, "ood_score": p.ood_score}
+        if p.probabilities is not None and np.ndim(p.probabilities) == 0:
+            row["probability"] = round(float(p.probabilities), 4)
+        if not p.in_distribution:
+            row |= {"status": "out_of_distribution", "why": "; ".join(p.ood_reasons)}
+        else:
+            row["status"] = "positive" if p.decision else "negative"
+        rows.append(row)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("out_of_distribution", "positive", "negative")}
+    return {
+        "bundle": bundle.name,
+        "role": model.role,
+        "folder": folder.name,
+        "files": rows,
+        "flagged": counts["out_of_distribution"],
+        "classified": counts["positive"] + counts["negative"],
+        "positive": counts["positive"],
+        "unreadable": sum(r["status"] == "unreadable" for r in rows),
+    }
 
 
 # -- the offline kit --------------------------------------------------------------------------------

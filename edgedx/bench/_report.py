@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import metrics as clinical
+from ..calibration import reliability
 from ..devices import DeviceProfile
 from ..outputs import decisions
 from ..runtime.probe import summarize_latency
@@ -45,6 +46,7 @@ class BenchResult:
     notes: list[str]
     labels: list[int]
     out: Path | None = None
+    ood: list[dict[str, Any]] | None = None  # per bundle, what its guard and model said of --ood files
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +55,7 @@ class BenchResult:
             "missed": self.missed,
             "notes": self.notes,
             "labels": self.labels,
+            **({"ood": self.ood} if self.ood is not None else {}),
         }
 
 
@@ -90,8 +93,10 @@ def summarize(
             "role": item["role"],
             "precision": precision_label(item["role"], item.get("float_ops", 0)),
             "deploy": item["deploy"],
-            "clinical": {k: figures[k] for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity", "accuracy")}
-            | {"flips": flips, "threshold": item["threshold"]},
+            "clinical": {
+                k: figures[k] for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity", "accuracy", "ece")
+            }
+            | {"flips": flips, "threshold": item["threshold"], "guard_flag_rate": item.get("guard_flag_rate")},
             "device": {
                 **latency,
                 "load_seconds": probe["load_seconds"],
@@ -121,8 +126,26 @@ def summarize(
             )
             missed += [f"{item['bundle']} {item['role']}: {m}" for m in row["budgets_missed"]]
         rows.append(row)
+    _probability_shifts(rows)
     notes = _precision_notes(rows, device) + _where_notes(where)
     return BenchResult(device, rows, missed, notes, np.asarray(labels).tolist())
+
+
+def _probability_shifts(rows: list[dict[str, Any]]) -> None:
+    """Median |p - p_float32| of each compressed binary model against its own bundle's float32 model.
+
+    Calibration is meant to make a quantized model report its float model's probability; this is
+    the check, on the test split.
+    """
+    for bundle in dict.fromkeys(r["bundle"] for r in rows):
+        mine = {r["role"]: r for r in rows if r["bundle"] == bundle}
+        base = mine.get("tflite-float32")
+        if base is None or np.asarray(base["scores"]).ndim != 1:
+            continue
+        for role, row in mine.items():
+            if role.startswith("tflite") and role != "tflite-float32":
+                shift = np.abs(np.asarray(row["scores"]) - np.asarray(base["scores"]))
+                row["clinical"]["median_abs_dp_vs_float32"] = float(np.median(shift))
 
 
 def _precision_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str]:
@@ -151,7 +174,7 @@ def _where_notes(where: dict[str, Any]) -> list[str]:
 
 
 def write_report(result: BenchResult, out: Path) -> BenchResult:
-    """``bench.json``, ``report.md``, ``roc.png`` (binary tasks) and ``latency.png`` in ``out``."""
+    """``bench.json``, ``report.md``, ``roc.png`` (binary tasks), ``reliability.png`` and ``latency.png`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     plots = _plots(result, out)
@@ -163,9 +186,9 @@ def write_report(result: BenchResult, out: Path) -> BenchResult:
         f"{result.device.memory_limit_mb or 'none'} MB. Budgets: "
         + (", ".join(f"{k} {v:g}" for k, v in result.device.budgets.items()) or "none"),
         "",
-        "| model | precision | AUC (95% CI) | sens | spec | flips | p50 ms | p95 ms | p99 ms | img/s | "
-        "RSS MB | cold start s | KB | GMAC/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | precision | AUC (95% CI) | sens | spec | flips | ECE | flagged | p50 ms | p95 ms | p99 ms | "
+        "img/s | RSS MB | cold start s | KB | GMAC/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result.rows:
         c, d = r["clinical"], r["device"]
@@ -175,15 +198,37 @@ def write_report(result: BenchResult, out: Path) -> BenchResult:
         lines.append(
             f"| {r['bundle']}{' (deploy)' if r['deploy'] else ''} | {r['precision']} | {c['auc']:.4f} "
             f"({lo:.3f}-{hi:.3f}) | {c['sensitivity']:.3f} | {c['specificity']:.3f} | {c['flips']:.3f} | "
+            f"{_maybe(c.get('ece'), '.3f')} | {_maybe(c.get('guard_flag_rate'), '.1%')} | "
             f"{d['p50_ms']:.2f} | {d['p95_ms']:.2f} | {d['p99_ms']:.2f} | {d['throughput_per_s']:.0f} | "
             f"{d['peak_rss_mb']:.0f} | {cold} | {d['bytes'] / 1024:.0f} | {gmac} |"
         )
+    shifts = [r for r in result.rows if "median_abs_dp_vs_float32" in r["clinical"]]
+    if shifts:
+        lines += ["", "Median |p - p_float32| on the test split (the same bundle's float32 model): "]
+        lines[-1] += ", ".join(
+            f"{r['bundle']} {r['precision']} {r['clinical']['median_abs_dp_vs_float32']:.4f}" for r in shifts
+        )
+    if result.ood is not None:
+        lines += ["", "## Inputs from --ood", "", "| model | file | status | p | why |", "|---|---|---|---|---|"]
+        for entry in result.ood:
+            for f in entry["files"]:
+                p = _maybe(f.get("probability"), ".3f")
+                lines.append(f"| {entry['bundle']} | {f['file']} | {f['status']} | {p} | {f.get('why', '')} |")
+        lines += [""] + [
+            f"- {e['bundle']}: {e['flagged']} of {len(e['files'])} flagged, {e['classified']} classified "
+            f"({e['positive']} positive), {e['unreadable']} unreadable"
+            for e in result.ood
+        ]
     lines += ["", "## Budgets", ""]
     lines += [f"- MISSED: {m}" for m in result.missed] or ["- every deployed model meets every budget"]
     lines += ["", "## Notes", "", *[f"- {n}" for n in result.notes], ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return replace(result, out=out)
+
+
+def _maybe(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _plots(result: BenchResult, out: Path) -> list[Path]:
@@ -208,6 +253,25 @@ def _plots(result: BenchResult, out: Path) -> list[Path]:
         fig.savefig(out / "roc.png", dpi=120)
         plt.close(fig)
         written.append(out / "roc.png")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for r in result.rows:
+        curve = reliability(labels, np.asarray(r["scores"]))
+        ece = r["clinical"].get("ece")
+        ax.plot(
+            curve["confidence"],
+            curve["observed"],
+            marker="o",
+            ms=3,
+            label=f"{r['bundle']} {r['precision']}" + (f" (ECE {ece:.3f})" if ece is not None else ""),
+        )
+    ax.plot([0, 1], [0, 1], ls=":", c="grey")
+    what = "positive-class probability" if binary else "top-class confidence"
+    ax.set(xlabel=f"predicted {what}", ylabel="observed frequency", title="Reliability, test split (15 bins)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=120)
+    plt.close(fig)
+    written.append(out / "reliability.png")
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in result.rows:
         ax.hist(r["latency_ms"], bins=40, alpha=0.5, label=f"{r['bundle']} {r['precision']}")

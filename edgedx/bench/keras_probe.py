@@ -25,13 +25,13 @@ def probe_keras(bundle: str, role: str, inputs: np.ndarray, threads: int, runs: 
     b = read_bundle(bundle)
     model = keras.models.load_model(b.model_path(role), compile=False)
     load_seconds = time.perf_counter() - began
-    activation = b.manifest["task"]["activation"]
+    activation, calibration = b.manifest["task"]["activation"], b.calibration(role)
 
     def one(x: np.ndarray) -> np.ndarray:
-        return probabilities(model(x, training=False).numpy(), activation)
+        return probabilities(model(x, training=False).numpy(), activation, calibration)
 
     def every(x: np.ndarray) -> np.ndarray:
-        return probabilities(model.predict(x, batch_size=64, verbose=0), activation)
+        return probabilities(model.predict(x, batch_size=64, verbose=0), activation, calibration)
 
     return measure(one, every, inputs, runs, warmup) | {"load_seconds": load_seconds, "backend": "tf_keras"}
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import metrics as clinical
 from ..bundle import Bundle, read_bundle, write_bundle
-from ..data import load_dataset
+from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
+from ..data import recorded_dataset
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
@@ -300,7 +301,7 @@ def compress(
     manifest = parent_bundle.manifest
     if "keras" not in manifest["models"]:
         raise ConfigError(f"{parent_bundle.path}: compress needs the float Keras model of a trained bundle")
-    dataset = load_dataset(data or manifest["data"]["source"])
+    dataset = recorded_dataset(manifest["data"], data)
     prepared = prepare_data(dataset, parent_bundle.preprocess, progress)
     activation = manifest["task"]["activation"]
     train_config = TrainConfig(
@@ -311,7 +312,10 @@ def compress(
     steps_per_epoch = math.ceil(len(prepared.y["train"]) / train_config.batch_size)
 
     teacher = keras.models.load_model(parent_bundle.model_path("keras"), compile=False)
-    parent_scores = {s: predict_scores(teacher, prepared.x[s], activation) for s in ("val", "test")}
+    parent_calibration = parent_bundle.calibration("keras")  # the parent's threshold is on calibrated scores
+    parent_scores = {
+        s: predict_scores(teacher, prepared.x[s], activation, calibration=parent_calibration) for s in ("val", "test")
+    }
     parent_decisions = decisions(parent_scores["test"], parent_bundle.threshold)
     parent_arch = {"name": manifest["arch"]["name"], "width": manifest["arch"].get("width")}
     current = _Stage("parent", teacher, parent_bundle.threshold, parent_scores, parent_arch)
@@ -382,7 +386,8 @@ def compress(
         notes.append("fine-tuned under the distillation loss" if with_teacher else "fine-tuned on the labels")
         current = keras_stage("prune", stripped, {**current.arch, "kernel_sparsity": achieved}, began, notes)
 
-    float_model, float_threshold = current.keras_model, current.threshold
+    float_stage = current
+    float_model = current.keras_model
     sparse = _pruned(current.arch)
     float_tflite = convert(float_model, "float32", sparse=sparse)
     deploy = float_tflite
@@ -456,14 +461,13 @@ def compress(
         config,
         rows,
         current,
-        float_model,
+        float_stage,
         float_tflite,
         deploy,
         prepared,
         time.perf_counter() - start,
         overwrite,
         auto_record,
-        float_threshold,
     )
 
 
@@ -560,37 +564,39 @@ def _write(
     config: CompressConfig,
     rows: list[dict],
     final: _Stage,
-    float_model,
+    float_stage: _Stage,
     float_tflite: TFLiteModel,
     deploy: TFLiteModel,
     prepared: PreparedData,
     seconds: float,
     overwrite: bool,
     auto_record: dict[str, Any] | None = None,
-    float_threshold: float | None = None,
 ) -> CompressResult:
     from ..models import count_macs, count_parameters
 
+    float_model = float_stage.keras_model
+    float_calibration, deploy_calibration = _calibrations(float_stage, final, deploy, prepared)
+    float_threshold = float_calibration.probability_threshold(float_stage.threshold)
+    deploy_threshold = deploy_calibration.probability_threshold(final.threshold)
     metrics = {
-        s: clinical.evaluate(prepared.y[s], final.scores[s], final.threshold, seed=config.seed) for s in ("val", "test")
+        s: clinical.evaluate(
+            prepared.y[s], recalibrate(final.scores[s], deploy_calibration), deploy_threshold, seed=config.seed
+        )
+        for s in ("val", "test")
     }
     params, nonzero = count_parameters(float_model)
     deploy_role = f"tflite-{deploy.mode}"
     body = {
-        **{k: manifest[k] for k in ("task", "input", "preprocess", "data", "intended_use") if k in manifest},
+        **{k: manifest[k] for k in ("task", "input", "preprocess", "guard", "data", "intended_use") if k in manifest},
         "name": out.name,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "arch": {**final.arch, "parameters": params, "nonzero_parameters": nonzero, "macs": count_macs(float_model)},
-        "threshold": {**manifest["threshold"], "value": final.threshold},
+        "threshold": {**manifest["threshold"], "value": deploy_threshold},
         "deploy": deploy_role,
         "metrics": metrics,
         "training": manifest.get("training"),
         "compression": {
-            "parent": {
-                "name": parent.name,
-                "path": str(parent.path),
-                "keras_sha256": manifest["models"]["keras"]["sha256"],
-            },
+            "parent": {"name": parent.name, "keras_sha256": manifest["models"]["keras"]["sha256"]},
             "config": asdict(config),
             "data_matches_parent": prepared.fingerprints["train"] == manifest["data"]["fingerprint"]["train"],
             "steps": rows,
@@ -598,22 +604,26 @@ def _write(
             **({"auto_precision": auto_record} if auto_record else {}),
         },
         "models": {
-            "keras": {"threshold": float_threshold},
+            "keras": {"threshold": float_threshold, "calibration": float_calibration.to_dict()},
             "tflite-float32": {
                 "input": float_tflite.input,
                 "output": float_tflite.output,
                 "threshold": float_threshold,
+                "calibration": float_calibration.to_dict(),
                 "sparse_encoding": float_tflite.sparse,
             },
             deploy_role: {
                 "input": deploy.input,
                 "output": deploy.output,
-                "threshold": final.threshold,
+                "threshold": deploy_threshold,
+                "calibration": deploy_calibration.to_dict(),
                 "sparse_encoding": deploy.sparse,
                 "float_ops": list(deploy.float_ops),
             },
         },
     }
+    guard_file = manifest.get("guard", {}).get("file")
+    extra_files = {guard_file: (parent.path / guard_file).read_bytes()} if guard_file else {}
     with tempfile.TemporaryDirectory() as tmp:
         files = {"keras": Path(tmp) / "model.keras", "tflite-float32": Path(tmp) / "model-float32.tflite"}
         float_model.save(files["keras"])
@@ -621,5 +631,25 @@ def _write(
         if deploy_role != "tflite-float32":
             files[deploy_role] = Path(tmp) / f"model-{deploy.mode}.tflite"
             files[deploy_role].write_bytes(deploy.content)
-        bundle = write_bundle(out, body, models=files, overwrite=overwrite)
+        bundle = write_bundle(out, body, models=files, files=extra_files, overwrite=overwrite)
     return CompressResult(bundle=bundle, steps=rows, seconds=seconds)
+
+
+def _calibrations(
+    float_stage: _Stage, final: _Stage, deploy: TFLiteModel, prepared: PreparedData
+) -> tuple[Calibration, Calibration]:
+    """Calibrations of the compressed float model and of the deployed one, from validation data.
+
+    The float model is fitted to the labels. A quantized binary model is fitted to the float
+    model's calibrated logits instead, so both report the same probability for the same input;
+    a multi-class one gets its own temperature.
+    """
+    y = prepared.y["val"]
+    float_logits = logits_of(float_stage.scores["val"])
+    float_calibration = fit_to_labels(float_logits, y)
+    if deploy.mode == "float32" or final is float_stage:
+        return float_calibration, float_calibration
+    deploy_logits = logits_of(final.scores["val"])
+    if deploy_logits.ndim == 1:
+        return float_calibration, fit_to_reference(deploy_logits, float_calibration.apply(float_logits))
+    return float_calibration, fit_to_labels(deploy_logits, y)

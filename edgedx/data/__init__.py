@@ -32,6 +32,7 @@ __all__ = [
     "read_image_folder",
     "read_medmnist",
     "read_study_folder",
+    "recorded_dataset",
     "synthesize",
 ]
 
@@ -62,16 +63,47 @@ def load_dataset(path: Path | str) -> Dataset:
     return read_image_folder(path)
 
 
-def default_dataset_dir() -> Path:
-    """Where the embedded default dataset is generated: ``$EDGEDX_HOME`` or ``~/.cache/edgedx``."""
+def default_dataset_dir(config: SynthConfig = DEFAULT_SYNTH) -> Path:
+    """Where synthetic data made with ``config`` is cached: ``$EDGEDX_HOME`` or ``~/.cache/edgedx``."""
     home = os.environ.get("EDGEDX_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgedx"
-    c = DEFAULT_SYNTH
-    return Path(home) / f"headct-synth-v{GENERATOR_VERSION}-{c.studies}x{c.slices}-seed{c.seed}-{c.difficulty}"
+    c = config
+    split = "" if c.split == DEFAULT_SYNTH.split else "-split" + "-".join(f"{f:g}" for f in c.split)
+    return Path(home) / f"headct-synth-v{GENERATOR_VERSION}-{c.studies}x{c.slices}-seed{c.seed}-{c.difficulty}{split}"
 
 
-def default_dataset(progress: Callable[[int, int], None] | None = None) -> Dataset:
-    """The embedded synthetic head-CT dataset, generated on first use (no download)."""
-    folder = default_dataset_dir()
+def default_dataset(progress: Callable[[int, int], None] | None = None, config: SynthConfig = DEFAULT_SYNTH) -> Dataset:
+    """The embedded synthetic head-CT dataset (or another synthetic ``config``), made on first use."""
+    folder = default_dataset_dir(config)
     if not (folder / "labels.csv").is_file():
-        synthesize(folder, DEFAULT_SYNTH, progress=progress)
+        synthesize(folder, config, progress=progress)
     return read_study_folder(folder)
+
+
+def recorded_dataset(
+    record: dict, data: Path | str | None = None, progress: Callable[[int, int], None] | None = None
+) -> Dataset:
+    """The data a bundle was trained on (its manifest's ``data`` section), or ``data`` when given.
+
+    Synthetic data is recorded by its settings and made again here if it is not cached; any other
+    data by the path it was read from, which has to exist on this machine.
+    """
+    if data is not None:
+        return load_dataset(data)
+    settings = record.get("synthetic")
+    if settings:
+        version = settings.get("generator_version")
+        if version != GENERATOR_VERSION:
+            raise DataError(
+                f"the bundle was trained on synthetic data of generator version {version}; this edgedx makes "
+                f"version {GENERATOR_VERSION}. Give the data with --data"
+            )
+        fields = {k: settings[k] for k in ("studies", "slices", "seed", "difficulty") if k in settings}
+        config = SynthConfig(**fields, split=tuple(settings.get("split", DEFAULT_SYNTH.split)))
+        return default_dataset(progress, config)
+    source = record.get("source")
+    if not source or not Path(source).exists():
+        raise DataError(
+            f"the bundle was trained on {record.get('name', 'data')} from {source or 'an unrecorded place'}, "
+            "which is not on this machine; give the data with --data"
+        )
+    return load_dataset(source)

@@ -49,6 +49,10 @@ class Dataset:
         splits: ``train``, ``val`` and ``test``.
         hflip_ok: Whether a left-right flip keeps the label (not for organ laterality classes).
         default_size: Input size a model should use when the user gives none.
+        synthetic: What made the data, when it is the embedded synthetic set: ``edgedx.data.synth``'s
+            settings, recorded in manifests instead of a path so any machine can make it again.
+        body_parts: Body Part Examined values the DICOM headers name (empty when they name none,
+            or the images are not DICOM); the model's scope (:class:`edgedx.guard.Scope`).
     """
 
     name: str
@@ -58,6 +62,8 @@ class Dataset:
     splits: dict[str, Split]
     hflip_ok: bool = True
     default_size: int = 64
+    body_parts: tuple[str, ...] = ()
+    synthetic: dict[str, object] | None = None  # the generator's settings, for the embedded synthetic data
 
     def __post_init__(self) -> None:
         missing = [s for s in SPLITS if s not in self.splits or len(self.splits[s]) == 0]
@@ -76,11 +82,16 @@ class Dataset:
         return len(self.class_names)
 
     def summary(self) -> dict[str, object]:
+        """What a manifest records of the data (the synthetic set by its settings, not its path)."""
+        origin: dict[str, object] = (
+            {"source": "synthetic", "synthetic": self.synthetic} if self.synthetic else {"source": self.source}
+        )
         return {
             "name": self.name,
-            "source": self.source,
+            **origin,
             "input": self.input,
             "classes": list(self.class_names),
+            "body_parts": list(self.body_parts),
             "splits": {
                 s: {"images": len(sp), "per_class": np.bincount(sp.labels, minlength=self.num_classes).tolist()}
                 for s, sp in self.splits.items()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import math
 import struct
 import zlib
@@ -374,6 +375,34 @@ def _split_for_patient(patient_id: str) -> str:
     return "train" if bucket < 70 else "val" if bucket < 85 else "test"
 
 
+#: How many headers, spread over a folder, say which body parts it holds.
+BODY_PART_SAMPLE = 16
+
+
+def _body_parts(paths: list[Path]) -> tuple[str, ...]:
+    """Body Part Examined values named in a sample of the files' headers (unreadable ones skipped)."""
+    step = max(1, len(paths) // BODY_PART_SAMPLE)
+    named = set()
+    for p in paths[::step][:BODY_PART_SAMPLE]:
+        try:
+            named.add(header_text(read_dataset(p, stop_before_pixels=True), "BodyPartExamined", p.name).upper())
+        except DicomError:
+            continue
+    return tuple(sorted(named - {""}))
+
+
+def _synthetic_settings(folder: Path) -> dict[str, object] | None:
+    """The settings ``edgedx data synth`` recorded in ``dataset.json``, if it made this folder."""
+    try:
+        made_by = json.loads((folder / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(made_by, dict) or made_by.get("generator") != "edgedx.data.synth":
+        return None
+    keys = ("generator_version", "studies", "slices", "seed", "difficulty", "split")
+    return {k: made_by[k] for k in keys if k in made_by}
+
+
 def read_study_folder(
     folder: Path | str, *, labels_csv: str = "labels.csv", target: str = "any", modalities: Iterable[str] = ("CT",)
 ) -> Dataset:
@@ -460,6 +489,8 @@ def read_study_folder(
         )
     input_kind = "hu" if set(modalities) <= {"CT"} else "intensity"
     return Dataset(
+        body_parts=_body_parts(paths),
+        synthetic=_synthetic_settings(folder),
         name=folder.name,
         source=str(folder),
         input=input_kind,

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from ..bundle import Bundle, read_bundle
 from ..data.dicom import image_from_dataset, read_dataset
 from ..errors import BundleError, DataError
+from ..guard import GuardResult, Scope
 from ..outputs import decisions, probabilities
 from ..preprocess import PreprocessSpec, to_model_input
 from ._backends import Backend, load_backend
@@ -27,21 +28,30 @@ TFLITE_ROLES = ("tflite-int8", "tflite-dynamic", "tflite-float16", "tflite-float
 
 @dataclass(frozen=True)
 class Prediction:
-    """One case: probabilities, the decision, and how long each step took.
+    """One case: probabilities, the decision, whether the input is in distribution, and step times.
 
-    ``probabilities`` is the positive-class probability (a 0-d array) for a binary model and one
-    probability per class (K,) otherwise; ``timings_ms`` has ``read``, ``decode``, ``preprocess``
-    and ``inference`` for the steps the input went through.
+    ``probabilities`` is the calibrated positive-class probability (a 0-d array) for a binary model
+    and one probability per class (K,) otherwise. An input the bundle's guard flags has
+    ``in_distribution`` False, its ``ood_reasons``, and no ``decision`` or ``label``; one its header
+    already puts out of scope (another modality or body part, a localizer, a non-axial plane) is not
+    run at all, so it has no ``probabilities`` either. ``ood_score`` above 1 is out of distribution.
+    ``timings_ms`` has ``read``, ``decode``, ``preprocess``, ``guard`` and ``inference`` for the
+    steps the input went through.
     """
 
-    probabilities: np.ndarray
-    decision: int
-    label: str
+    probabilities: np.ndarray | None
+    decision: int | None
+    label: str | None
     threshold: float | None
+    in_distribution: bool = True
+    ood_score: float | None = None
+    ood_reasons: tuple[str, ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
 
     def scores(self, class_names: list[str]) -> dict[str, float]:
-        """Probability per class name (binary: both classes, the negative as 1 - p)."""
+        """Probability per class name (binary: both classes, the negative as 1 - p); empty if not run."""
+        if self.probabilities is None:
+            return {}
         p = np.asarray(self.probabilities, np.float64)
         if p.ndim == 0:
             return {class_names[0]: round(1.0 - float(p), 6), class_names[1]: round(float(p), 6)}
@@ -158,6 +168,9 @@ class Model:
         self.activation: str = bundle.manifest["task"]["activation"]
         self.class_names: list[str] = bundle.class_names
         self.threshold: float | None = bundle.manifest["models"][role].get("threshold", bundle.threshold)
+        self.calibration = bundle.calibration(role)
+        self.guard = bundle.load_guard()
+        self.scope = self.guard.scope if self.guard else Scope(modalities=tuple(self.modalities or ()))
         expected = (1, self.spec.size, self.spec.size, self.spec.channels)
         if runner.input_shape != expected:
             raise BundleError(
@@ -210,8 +223,12 @@ class Model:
         return self.runner.logits(x)
 
     def predict_inputs(self, x: np.ndarray) -> np.ndarray:
-        """Preprocessed inputs (N, S, S, C) -> probabilities: (N,) for binary, (N, K) otherwise."""
-        return probabilities(self.runner.logits(x), self.activation)
+        """Preprocessed inputs (N, S, S, C) -> calibrated probabilities: (N,) for binary, (N, K) otherwise."""
+        return probabilities(self.runner.logits(x), self.activation, self.calibration)
+
+    def ood_scores(self, x: np.ndarray) -> np.ndarray | None:
+        """Preprocessed inputs (N, S, S, C) -> the guard's score each (above 1: flagged); None without a guard."""
+        return self.guard.scores(x) if self.guard else None
 
     # -- raw images and DICOM ----------------------------------------------------------------------
     def predict_images(self, images: Iterable[np.ndarray]) -> np.ndarray:
@@ -246,7 +263,10 @@ class Model:
         if isinstance(source, np.ndarray):
             model_input = self._array_input(source, name or "input")
         elif isinstance(source, Dataset):
-            image = image_from_dataset(source, name=name or "dataset", modalities=self.modalities)
+            out_of_scope = self.scope.violations(source)
+            if out_of_scope:
+                return Prediction(None, None, None, self.threshold, False, None, tuple(out_of_scope), timings)
+            image = image_from_dataset(source, name=name or "dataset")
             lap("decode")
             model_input = to_model_input(image, self.spec)
         else:
@@ -255,14 +275,19 @@ class Model:
                 "or an array"
             )
         lap("preprocess")
+        checked = self.guard.check(model_input) if self.guard else GuardResult(True, None)
+        lap("guard")
         probs = self.predict_inputs(model_input[None])
         lap("inference")
-        decision = int(decisions(probs, self.threshold)[0])
+        decision = int(decisions(probs, self.threshold)[0]) if checked.in_distribution else None
         return Prediction(
             probabilities=probs[0],
             decision=decision,
-            label=self.class_names[decision],
+            label=None if decision is None else self.class_names[decision],
             threshold=self.threshold,
+            in_distribution=checked.in_distribution,
+            ood_score=None if checked.score is None else round(checked.score, 4),
+            ood_reasons=checked.reasons,
             timings_ms=timings,
         )
 

@@ -54,6 +54,8 @@ class Service:
         except Exception:
             self.stop()
             raise
+        if self.bundle.synthetic_only:
+            log.warning("model %s was trained on synthetic data only: not validated on real scans", self.bundle.name)
         log.info("ready: %s", "; ".join(f"{item.kind} {item.where}" for item in self.listeners()))
         return self
 

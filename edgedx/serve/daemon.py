@@ -232,6 +232,7 @@ class Daemon:
             "name": bundle.name,
             "role": model.role,
             "sha256": bundle.manifest["models"][model.role]["sha256"],
+            "synthetic_only": bundle.synthetic_only,
         }
         self._lock = lock_folder(config.out)
         self.spool = Spool(config.spool or config.out / ".spool")
@@ -399,8 +400,13 @@ class Daemon:
     def _record(self, prediction: Prediction) -> dict[str, Any]:
         """A prediction as the JSON result: every class's probability, and ``probability`` for a binary model."""
         timings = prediction.timings_ms
-        self.metrics.inference.observe((timings.get("preprocess", 0.0) + timings.get("inference", 0.0)) / 1e3)
+        if "inference" in timings:  # not for an input its header ruled out
+            self.metrics.inference.observe((timings.get("preprocess", 0.0) + timings["inference"]) / 1e3)
         record: dict[str, Any] = {
+            "status": "classified" if prediction.in_distribution else "out_of_distribution",
+            "in_distribution": prediction.in_distribution,
+            "ood_score": prediction.ood_score,
+            "ood_reasons": list(prediction.ood_reasons),
             "probabilities": prediction.scores(self.class_names),
             "decision": prediction.decision,
             "label": prediction.label,
@@ -409,7 +415,8 @@ class Daemon:
             "timings_ms": dict(prediction.timings_ms),
         }
         if self.binary:
-            record["probability"] = round(float(prediction.probabilities), 6)
+            p = prediction.probabilities
+            record["probability"] = None if p is None else round(float(p), 6)
         return record
 
     def _finish_spooled(self, model: Model, job: _Job) -> None:
@@ -453,12 +460,12 @@ class Daemon:
             self.metrics.count(source, "duplicate")
         else:
             self.metrics.processing.labels(source=source).observe(time.monotonic() - job.received)
-            self.metrics.count(source, "positive" if record["decision"] else "negative")
+            self.metrics.count(source, _outcome(record))
             log.info(
                 "result instance=%s series=%s label=%s ms=%.1f sr=%s",
                 key,
                 series,
-                record["label"],
+                record["label"] or record["status"],
                 record["timings_ms"]["total"],
                 "yes" if report is not None else "no",
             )
@@ -533,7 +540,7 @@ class Daemon:
         record |= {"instance": key, "completed": _now()}
         record["timings_ms"]["total"] = round((time.monotonic() - job.received) * 1e3, 3)
         self.metrics.processing.labels(source="http").observe(time.monotonic() - job.received)
-        self.metrics.count("http", "positive" if record["decision"] else "negative")
+        self.metrics.count("http", _outcome(record))
         job.future.set_result(record)
 
     def _upload_array(self, data: bytes) -> np.ndarray:
@@ -555,6 +562,13 @@ RESULT_UIDS = {
 }
 
 
+def _outcome(record: dict[str, Any]) -> str:
+    """The ``outcome`` label /metrics counts a published result under."""
+    if not record["in_distribution"]:
+        return "out_of_distribution"
+    return "positive" if record["decision"] else "negative"
+
+
 def free_megabytes(folder: Path) -> float:
     return shutil.disk_usage(folder).free / 1e6
 
@@ -566,16 +580,27 @@ def series_summary(
 
     Binary models (``threshold`` given): the series takes its most suspicious slice, the RSNA "any
     hemorrhage" rule. Multi-class models: every class's maximum over the slices, and the label
-    most slices were given (ties: the class with the higher maximum).
+    most slices were given (ties: the class with the higher maximum). Only slices in the model's
+    training distribution count; flagged ones are counted apart, and a series with none left is
+    ``out_of_distribution`` with no decision.
     """
     first = instances[0]
+    flagged = [r for r in instances if not r.get("in_distribution", True)]
+    classified = [r for r in instances if r.get("in_distribution", True)]
     summary: dict[str, Any] = {
-        "schema": "edgedx.series-result/2",
+        "schema": "edgedx.series-result/3",
         "series_instance_uid": first.get("series_instance_uid", ""),
         "study_instance_uid": first.get("study_instance_uid", ""),
         "instances": len(instances),
-        "maximum_probabilities": {name: max(r["probabilities"][name] for r in instances) for name in class_names},
+        "out_of_distribution": len(flagged),
         "threshold": threshold,
+    }
+    if not classified:
+        return summary | {"status": "out_of_distribution", "decision": None, "label": None}
+    instances = classified
+    summary |= {
+        "status": "classified",
+        "maximum_probabilities": {name: max(r["probabilities"][name] for r in instances) for name in class_names},
     }
     if threshold is not None:
         top = max(instances, key=lambda r: r["probability"])

@@ -26,7 +26,7 @@ class Metrics:
         self.inputs = Counter(
             "edgedx_inputs",
             "Inputs by source and outcome "
-            "(positive, negative, quarantined, duplicate, refused, busy, no-storage, error).",
+            "(positive, negative, out_of_distribution, quarantined, duplicate, refused, busy, no-storage, error).",
             ["source", "outcome"],
             registry=self.registry,
         )

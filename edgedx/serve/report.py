@@ -87,6 +87,11 @@ def _conformant(keyword: str, value: Any) -> Any:
     return text if DATE_TIME_PATTERNS[keyword].fullmatch(text) else ""
 
 
+#: The SR's decision for an input the model's guard flagged, and the line a synthetic-only model adds.
+INDETERMINATE = "indeterminate: input outside the model's training distribution"
+SYNTHETIC_NOTICE = "trained on synthetic data only; not validated on real scans"
+
+
 def structured_report(source: Any, record: dict[str, Any], bundle: Bundle):
     """The result of one instance as a ``highdicom.sr.ComprehensiveSR`` dataset."""
     evidence = evidence_of(source)
@@ -100,13 +105,32 @@ def structured_report(source: Any, record: dict[str, Any], bundle: Bundle):
     )
     scores = record["probabilities"]
     shown = [bundle.class_names[1]] if "probability" in record else list(scores)  # binary: the positive class
+    shown = [name for name in shown if name in scores]  # none when the header ruled the input out
+    label = record["label"] if record["label"] is not None else INDETERMINATE
     items = [
         hd.sr.CodeContentItem(
             name=Code("decision", SCHEME, f"{bundle.name} decision"),
-            value=Code(record["label"], SCHEME, record["label"]),
+            value=Code(label[:16], SCHEME, label),
             relationship_type="CONTAINS",
         )
     ]
+    if not record.get("in_distribution", True):
+        reasons = "; ".join(record.get("ood_reasons", []))
+        items.append(
+            hd.sr.TextContentItem(
+                name=Code("ood", SCHEME, "Input outside the model's training distribution"),
+                value=f"indeterminate: {reasons}"[:1024],
+                relationship_type="CONTAINS",
+            )
+        )
+    if bundle.synthetic_only:
+        items.append(
+            hd.sr.TextContentItem(
+                name=Code("training-data", SCHEME, "Training data"),
+                value=SYNTHETIC_NOTICE,
+                relationship_type="CONTAINS",
+            )
+        )
     for class_name in shown:
         probability = hd.sr.NumContentItem(
             name=Code(f"p-{class_name}"[:16], SCHEME, f"Model probability of {class_name}"),

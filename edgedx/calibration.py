@@ -1,0 +1,156 @@
+"""Calibrated probabilities: a monotone map on the logits, fitted on validation data, kept per model.
+
+A network trained with cross-entropy on a small, class-weighted set is rarely calibrated, and
+every compression step moves its logits again (the int8 of the default pipeline once gave
+``logit = 1.08 x float logit + 0.81``). So every model in a bundle carries its own calibration
+in the manifest, applied by :func:`edgedx.outputs.probabilities` wherever logits become
+probabilities (training, compression, bench, runtime):
+
+- ``platt`` (binary): ``z' = scale * z + shift``, fitted to the validation labels (Platt 1999);
+- ``temperature`` (multi-class): ``z' = z / T``, fitted to the validation labels (Guo et al. 2017);
+- ``matched`` (a quantized model): the same affine form, fitted by least squares so its logits land
+  on its float model's calibrated ones: the int8 then reports the float model's probability.
+
+``scale`` is always positive, so ranking, AUC and every decision are unchanged; thresholds are
+mapped through the calibration with :meth:`Calibration.probability_threshold`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+ECE_BINS = 15
+METHODS = ("none", "platt", "temperature", "matched")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    method: str = "none"
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise BundleError(f"unknown calibration {self.method!r}; expected one of {', '.join(METHODS)}")
+        if not (np.isfinite(self.scale) and self.scale > 0 and np.isfinite(self.shift)):
+            raise BundleError(f"calibration scale must be > 0 and finite, got {self.scale}, {self.shift}")
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        z = np.asarray(logits, np.float64)
+        return z if self.method == "none" else z * self.scale + self.shift
+
+    def probability_threshold(self, threshold: float | None) -> float | None:
+        """A threshold on uncalibrated sigmoid probabilities -> the same cut on calibrated ones."""
+        if threshold is None or self.method == "none":
+            return threshold
+        t = min(max(float(threshold), 1e-12), 1 - 1e-12)
+        return float(_sigmoid(self.apply(np.log(t / (1 - t)))))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "scale": self.scale, "shift": self.shift}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> Calibration:
+        if not d:
+            return cls()
+        try:
+            return cls(str(d["method"]), float(d.get("scale", 1.0)), float(d.get("shift", 0.0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"malformed calibration {d} ({exc})") from None
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def logits_of(probs: np.ndarray) -> np.ndarray:
+    """Probabilities -> logits that give them back: log-odds for binary (N,), log-probabilities for (N, K)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-15, 1 - 1e-15)
+    return np.log(p / (1 - p)) if p.ndim == 1 else np.log(p)
+
+
+def recalibrate(probs: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """Probabilities of an uncalibrated model -> the probabilities ``calibration`` gives it."""
+    z = calibration.apply(logits_of(probs))
+    if z.ndim == 1:
+        return _sigmoid(z)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def fit_to_labels(logits: np.ndarray, labels: np.ndarray) -> Calibration:
+    """Platt scaling for one logit (N, 1) or (N,), temperature scaling for (N, K); validation data."""
+    from scipy.optimize import minimize, minimize_scalar
+
+    z = np.asarray(logits, np.float64)
+    y = np.asarray(labels)
+    if z.ndim == 1 or z.shape[1] == 1:
+        z = z.reshape(-1)
+
+        def loss(params: np.ndarray) -> float:
+            s = params[0] * z + params[1]
+            return float(np.mean(np.logaddexp(0.0, s) - y * s))
+
+        result = minimize(loss, x0=np.array([1.0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
+        scale, shift = (float(v) for v in result.x)
+        if not scale > 0:  # a model whose logits rank the wrong way cannot be rescued by calibration
+            return Calibration()
+        return Calibration("platt", scale, shift)
+
+    def nll(log_t: float) -> float:
+        s = z / np.exp(log_t)
+        s = s - s.max(axis=1, keepdims=True)
+        return float(np.mean(np.log(np.exp(s).sum(axis=1)) - s[np.arange(len(y)), y]))
+
+    log_t = float(minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded").x)
+    return Calibration("temperature", float(np.exp(-log_t)), 0.0)
+
+
+def fit_to_reference(logits: np.ndarray, reference: np.ndarray) -> Calibration:
+    """Affine map (least squares) taking a compressed model's logits onto its float model's calibrated ones."""
+    z = np.asarray(logits, np.float64).reshape(-1)
+    r = np.asarray(reference, np.float64).reshape(-1)
+    scale, shift = np.polyfit(z, r, 1)
+    if not scale > 0:
+        return Calibration()
+    return Calibration("matched", float(scale), float(shift))
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE with ``bins`` equal-width confidence bins: the positive-class probability for binary
+    (N,) scores, the top-class confidence for (N, K)."""
+    confidence, correct = _confidence(np.asarray(labels), np.asarray(probs, np.float64))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)
+
+
+def reliability(labels: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> dict[str, list[float]]:
+    """Per-bin mean confidence, observed frequency and count, for a reliability diagram."""
+    confidence, correct = _confidence(np.asarray(labels), np.asarray(probs, np.float64))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    rows: dict[str, list[float]] = {"confidence": [], "observed": [], "count": []}
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            rows["confidence"].append(float(confidence[members].mean()))
+            rows["observed"].append(float(correct[members].mean()))
+            rows["count"].append(int(members.sum()))
+    return rows
+
+
+def _confidence(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if probs.ndim == 1:  # binary: how well the stated risk matches the observed rate
+        return probs, (labels == 1).astype(np.float64)
+    return probs.max(axis=1), (probs.argmax(axis=1) == labels).astype(np.float64)
