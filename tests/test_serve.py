@@ -462,6 +462,7 @@ def test_out_of_scope_inputs_get_an_out_of_distribution_result_sr_and_count(serv
         assert record["decision"] is None and record["label"] is None and record["ood_reasons"]
     reasons = sorted(r["ood_reasons"][0] for r in found.values())
     assert reasons[0].startswith("a localizer") and reasons[1].startswith("modality MR")
+
     def series_results():
         found = [json.loads(p.read_text()) for p in out.glob("series/*/series.json")]
         return found if sum(s["out_of_distribution"] for s in found) == 2 else None
