@@ -51,6 +51,13 @@ class Calibration:
         t = min(max(float(threshold), 1e-12), 1 - 1e-12)
         return float(_sigmoid(self.apply(np.log(t / (1 - t)))))
 
+    def uncalibrated_threshold(self, threshold: float | None) -> float | None:
+        """The inverse of :meth:`probability_threshold`: a cut on calibrated probabilities -> on raw ones."""
+        if threshold is None or self.method == "none":
+            return threshold
+        t = min(max(float(threshold), 1e-12), 1 - 1e-12)
+        return float(_sigmoid((np.log(t / (1 - t)) - self.shift) / self.scale))
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "scale": self.scale, "shift": self.shift}
 
@@ -91,10 +98,15 @@ def fit_to_labels(logits: np.ndarray, labels: np.ndarray) -> Calibration:
     y = np.asarray(labels)
     if z.ndim == 1 or z.shape[1] == 1:
         z = z.reshape(-1)
+        positives = float(np.sum(y == 1))
+        negatives = float(len(y) - positives)
+        # Platt's targets, (N+ + 1)/(N+ + 2) and 1/(N- + 2) instead of 1 and 0: a prior that keeps the
+        # fit finite when a small validation set is perfectly separated (the plain fit's scale diverges)
+        target = np.where(y == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
 
         def loss(params: np.ndarray) -> float:
             s = params[0] * z + params[1]
-            return float(np.mean(np.logaddexp(0.0, s) - y * s))
+            return float(np.mean(np.logaddexp(0.0, s) - target * s))
 
         result = minimize(loss, x0=np.array([1.0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-6, "fatol": 1e-9})
         scale, shift = (float(v) for v in result.x)

@@ -1,6 +1,7 @@
 """The out-of-distribution guard a bundle carries: is this input like what the model was trained on?
 
-Two checks, both in numpy and both cheap enough to run on every slice (tens of microseconds):
+Two checks, both in numpy and cheap enough to run on every slice (0.4 ms per 64 x 64 x 3 input measured
+on the 2-core EPYC, about what the int8 model itself takes):
 
 1. **Scope**, from the DICOM header, before any pixel is decoded: the modality, the body part
    (when the header names one), the slice orientation (axial within ``max_tilt_deg``), and

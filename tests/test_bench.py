@@ -133,11 +133,15 @@ def test_runtime_predict_is_preprocess_then_model_then_threshold(bundles, tiny_n
     for value in (10.0, 120.0, 220.0):
         image = np.full((16, 16), value, np.float32)
         image[4:12, 4:12] += value / 2
-        by_hand = probabilities(model.runner.logits(to_model_input(image, model.spec)[None]), model.activation)[0]
+        model_input = to_model_input(image, model.spec)
+        logits = model.runner.logits(model_input[None])
+        by_hand = probabilities(logits, model.activation, model.calibration)[0]
         prediction = model.predict(image)
         assert float(prediction.probabilities) == pytest.approx(float(by_hand), abs=1e-7)
-        assert prediction.decision == int(by_hand >= model.threshold)
-        assert set(prediction.timings_ms) == {"preprocess", "inference"}
+        flagged = model.guard.scores(model_input[None])[0] > 1
+        assert prediction.in_distribution is not flagged
+        assert prediction.decision == (None if flagged else int(by_hand >= model.threshold))
+        assert set(prediction.timings_ms) == {"preprocess", "guard", "inference"}
     preprocessed = to_model_input(image, model.spec)
     assert float(model.predict(preprocessed).probabilities) == pytest.approx(float(by_hand), abs=1e-7)
     with pytest.raises(DataError, match="give a 2-D image or a preprocessed"):

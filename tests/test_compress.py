@@ -65,9 +65,9 @@ def test_int8_post_training(parent, tmp_path):
 
     dataset = recorded_dataset(m["data"])
     x = to_model_inputs(dataset.splits["test"].images(), result.bundle.preprocess)
-    int8 = Model.load(result.bundle.path).predict_inputs(x)
-    float32 = Model.load(result.bundle.path, role="tflite-float32").predict_inputs(x)
-    assert np.mean((int8 >= m["threshold"]["value"]) == (float32 >= m["threshold"]["value"])) >= 0.9
+    int8, float32 = (Model.load(result.bundle.path, role=r) for r in ("tflite-int8", "tflite-float32"))
+    agree = (int8.predict_inputs(x) >= int8.threshold) == (float32.predict_inputs(x) >= float32.threshold)
+    assert np.mean(agree) >= 0.9  # each at its own threshold, as deployed
 
 
 def test_distill_makes_a_small_student(parent, tmp_path):

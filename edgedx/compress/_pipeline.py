@@ -312,13 +312,13 @@ def compress(
     steps_per_epoch = math.ceil(len(prepared.y["train"]) / train_config.batch_size)
 
     teacher = keras.models.load_model(parent_bundle.model_path("keras"), compile=False)
-    parent_calibration = parent_bundle.calibration("keras")  # the parent's threshold is on calibrated scores
-    parent_scores = {
-        s: predict_scores(teacher, prepared.x[s], activation, calibration=parent_calibration) for s in ("val", "test")
-    }
-    parent_decisions = decisions(parent_scores["test"], parent_bundle.threshold)
+    # Every stage works on uncalibrated scores (calibration is fitted at the end); the parent's
+    # threshold is on its calibrated ones, so it is mapped back (the decisions are the same).
+    parent_scores = {s: predict_scores(teacher, prepared.x[s], activation) for s in ("val", "test")}
+    parent_threshold = parent_bundle.calibration("keras").uncalibrated_threshold(parent_bundle.threshold)
+    parent_decisions = decisions(parent_scores["test"], parent_threshold)
     parent_arch = {"name": manifest["arch"]["name"], "width": manifest["arch"].get("width")}
-    current = _Stage("parent", teacher, parent_bundle.threshold, parent_scores, parent_arch)
+    current = _Stage("parent", teacher, parent_threshold, parent_scores, parent_arch)
     rows = [_row(current, prepared, parent_decisions, 0.0, config.seed)]
 
     def keras_stage(name: str, model, arch: dict[str, Any], began: float, notes: list[str]) -> _Stage:
