@@ -10,7 +10,7 @@ Manifest, format version 1 (keys the runtime relies on)::
     format: "edgedx-bundle", format_version: 1, edgedx_version
     models: {role: {file, sha256, bytes, ...}}   roles: "keras", later "tflite-float32", "tflite-int8", ...
     files: {name: sha256}                        every other file (history.json, ...)
-    task: {kind: binary|multiclass, class_names, output: logits, activation: sigmoid|softmax}
+    task: {kind: binary|multiclass|multilabel, class_names, output: logits, activation: sigmoid|softmax}
     input: {shape: [1, S, S, C], dtype}
     preprocess: PreprocessSpec.to_dict()
     threshold: {value, policy, target_sensitivity}
@@ -71,7 +71,8 @@ class Bundle:
         return list(self.manifest["task"]["class_names"])
 
     @property
-    def threshold(self) -> float | None:
+    def threshold(self) -> float | list[float] | None:
+        """The decision threshold: one for binary models, one per label for multi-label, None for argmax."""
         return self.manifest.get("threshold", {}).get("value")
 
     def calibration(self, role: str) -> Calibration:

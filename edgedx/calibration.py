@@ -28,76 +28,109 @@ ECE_BINS = 15
 METHODS = ("none", "platt", "temperature", "matched")
 
 
+Threshold = float | list[float] | None
+
+
 @dataclass(frozen=True)
 class Calibration:
+    """``scale`` and ``shift`` are one number each, or one per label for a multi-label model."""
+
     method: str = "none"
-    scale: float = 1.0
-    shift: float = 0.0
+    scale: float | tuple[float, ...] = 1.0
+    shift: float | tuple[float, ...] = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise BundleError(f"unknown calibration {self.method!r}; expected one of {', '.join(METHODS)}")
-        if not (np.isfinite(self.scale) and self.scale > 0 and np.isfinite(self.shift)):
+        scale, shift = np.asarray(self.scale, np.float64), np.asarray(self.shift, np.float64)
+        if scale.shape != shift.shape or not (
+            np.isfinite(scale).all() and (scale > 0).all() and np.isfinite(shift).all()
+        ):
             raise BundleError(f"calibration scale must be > 0 and finite, got {self.scale}, {self.shift}")
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         z = np.asarray(logits, np.float64)
-        return z if self.method == "none" else z * self.scale + self.shift
+        if self.method == "none":
+            return z
+        return z * np.asarray(self.scale, np.float64) + np.asarray(self.shift, np.float64)
 
-    def probability_threshold(self, threshold: float | None) -> float | None:
-        """A threshold on uncalibrated sigmoid probabilities -> the same cut on calibrated ones."""
+    def probability_threshold(self, threshold: Threshold) -> Threshold:
+        """A threshold on uncalibrated sigmoid probabilities -> the same cut on calibrated ones
+        (a list of them, one per label, for a multi-label model)."""
         if threshold is None or self.method == "none":
             return threshold
-        t = min(max(float(threshold), 1e-12), 1 - 1e-12)
-        return float(_sigmoid(self.apply(np.log(t / (1 - t)))))
+        t = np.clip(np.asarray(threshold, np.float64), 1e-12, 1 - 1e-12)
+        return _as_threshold(_sigmoid(self.apply(np.log(t / (1 - t)))))
 
-    def uncalibrated_threshold(self, threshold: float | None) -> float | None:
+    def uncalibrated_threshold(self, threshold: Threshold) -> Threshold:
         """The inverse of :meth:`probability_threshold`: a cut on calibrated probabilities -> on raw ones."""
         if threshold is None or self.method == "none":
             return threshold
-        t = min(max(float(threshold), 1e-12), 1 - 1e-12)
-        return float(_sigmoid((np.log(t / (1 - t)) - self.shift) / self.scale))
+        t = np.clip(np.asarray(threshold, np.float64), 1e-12, 1 - 1e-12)
+        scale, shift = np.asarray(self.scale, np.float64), np.asarray(self.shift, np.float64)
+        return _as_threshold(_sigmoid((np.log(t / (1 - t)) - shift) / scale))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "scale": self.scale, "shift": self.shift}
+        as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        return {"method": self.method, "scale": as_json(self.scale), "shift": as_json(self.shift)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Calibration:
         if not d:
             return cls()
         try:
-            return cls(str(d["method"]), float(d.get("scale", 1.0)), float(d.get("shift", 0.0)))
+            scale, shift = d.get("scale", 1.0), d.get("shift", 0.0)
+            if isinstance(scale, list):
+                return cls(str(d["method"]), tuple(map(float, scale)), tuple(map(float, shift)))
+            return cls(str(d["method"]), float(scale), float(shift))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"malformed calibration {d} ({exc})") from None
+
+
+def _as_threshold(values: np.ndarray) -> float | list[float]:
+    return float(values) if values.ndim == 0 else [float(v) for v in values]
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
-def logits_of(probs: np.ndarray) -> np.ndarray:
-    """Probabilities -> logits that give them back: log-odds for binary (N,), log-probabilities for (N, K)."""
+def logits_of(probs: np.ndarray, multilabel: bool = False) -> np.ndarray:
+    """Probabilities -> logits that give them back: log-odds for binary (N,) and multi-label (N, L),
+    log-probabilities for multi-class (N, K)."""
     p = np.clip(np.asarray(probs, np.float64), 1e-15, 1 - 1e-15)
-    return np.log(p / (1 - p)) if p.ndim == 1 else np.log(p)
+    return np.log(p / (1 - p)) if p.ndim == 1 or multilabel else np.log(p)
 
 
-def recalibrate(probs: np.ndarray, calibration: Calibration) -> np.ndarray:
+def recalibrate(probs: np.ndarray, calibration: Calibration, multilabel: bool = False) -> np.ndarray:
     """Probabilities of an uncalibrated model -> the probabilities ``calibration`` gives it."""
-    z = calibration.apply(logits_of(probs))
-    if z.ndim == 1:
+    z = calibration.apply(logits_of(probs, multilabel))
+    if z.ndim == 1 or multilabel:
         return _sigmoid(z)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 
 def fit_to_labels(logits: np.ndarray, labels: np.ndarray) -> Calibration:
-    """Platt scaling for one logit (N, 1) or (N,), temperature scaling for (N, K); validation data."""
+    """Platt scaling for one logit (N, 1) or (N,), temperature scaling for (N, K) with class labels
+    (N,), Platt scaling per label for multi-label (N, L) logits with (N, L) labels; validation data."""
     from scipy.optimize import minimize, minimize_scalar
 
     z = np.asarray(logits, np.float64)
     y = np.asarray(labels)
+    if y.ndim == 2:  # multi-label: each label on its own
+        fits = [fit_to_labels(z[:, i], y[:, i]) for i in range(y.shape[1])]
+        if all(f.method == "none" for f in fits):
+            return Calibration()
+        return Calibration(
+            "platt",
+            tuple(float(f.scale) if f.method != "none" else 1.0 for f in fits),
+            tuple(float(f.shift) if f.method != "none" else 0.0 for f in fits),
+        )
     if z.ndim == 1 or z.shape[1] == 1:
         z = z.reshape(-1)
+        if np.unique(y).size < 2:  # nothing to fit against
+            return Calibration()
         positives = float(np.sum(y == 1))
         negatives = float(len(y) - positives)
         # Platt's targets, (N+ + 1)/(N+ + 2) and 1/(N- + 2) instead of 1 and 0: a prior that keeps the
@@ -124,7 +157,12 @@ def fit_to_labels(logits: np.ndarray, labels: np.ndarray) -> Calibration:
 
 
 def fit_to_reference(logits: np.ndarray, reference: np.ndarray) -> Calibration:
-    """Affine map (least squares) taking a compressed model's logits onto its float model's calibrated ones."""
+    """Affine map (least squares) taking a compressed model's logits onto its float model's calibrated
+    ones; one per label for multi-label (N, L) logits."""
+    if np.ndim(logits) == 2 and np.shape(logits)[1] > 1:
+        fits = [fit_to_reference(logits[:, i], reference[:, i]) for i in range(np.shape(logits)[1])]
+        scale = tuple(float(f.scale) if f.method != "none" else 1.0 for f in fits)
+        return Calibration("matched", scale, tuple(float(f.shift) if f.method != "none" else 0.0 for f in fits))
     z = np.asarray(logits, np.float64).reshape(-1)
     r = np.asarray(reference, np.float64).reshape(-1)
     scale, shift = np.polyfit(z, r, 1)

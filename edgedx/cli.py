@@ -92,6 +92,8 @@ def _fmt(value: Any) -> str:
         return "-" if math.isnan(value) else f"{value:.4f}"
     if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
         return f"{value[0]:.3f}-{value[1]:.3f}"
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):  # a threshold per label
+        return ", ".join(f"{v:.3f}" for v in value)
     return str(value)
 
 
@@ -112,6 +114,8 @@ def _metrics_table(title: str, metrics: dict[str, dict[str, Any]]) -> Table:
         table.add_column(header, justify="right")
     for split, row in metrics.items():
         table.add_row(split, *(_fmt(row.get(key, "")) for key in columns))
+        for label, figures in list(row.get("per_label", {}).items())[1:]:  # multi-label: the first is the row
+            table.add_row(f"  {label}", *(_fmt(figures.get(key, "")) for key in columns))
     return table
 
 
@@ -237,6 +241,14 @@ def train_command(
     target_sensitivity: Annotated[
         float | None, typer.Option(help="With --threshold sensitivity: the sensitivity to reach, e.g. 0.95.")
     ] = None,
+    labels: Annotated[
+        str | None,
+        typer.Option(
+            help="Label columns of an RSNA-layout labels.csv to learn, comma-separated; several make a "
+            "multi-label model (a sigmoid and a threshold each). 'rsna' = any and the five hemorrhage subtypes. "
+            "Default: any."
+        ),
+    ] = None,
     init: Annotated[
         Path | None,
         typer.Option(
@@ -256,7 +268,7 @@ def train_command(
     fitted on validation data.
     """
     with _user_errors():
-        from .data import default_dataset, load_dataset
+        from .data import RSNA_LABELS, default_dataset, load_dataset
         from .train import TrainConfig, train
 
         config = TrainConfig(
@@ -277,10 +289,15 @@ def train_command(
         if freeze_layers and init is None:
             raise ConfigError("--freeze-layers keeps layers of an initial model: use it with --init BUNDLE")
         with _progress() as report:
+            columns = None
+            if labels:
+                columns = RSNA_LABELS if labels.strip() == "rsna" else tuple(c.strip() for c in labels.split(","))
             dataset = (
-                load_dataset(data)
+                load_dataset(data, labels=columns)
                 if data
-                else default_dataset(progress=lambda done, total: report("synthesize default", done, total))
+                else default_dataset(
+                    progress=lambda done, total: report("synthesize default", done, total), labels=columns
+                )
             )
 
             def on_epoch(epoch: int, row: dict[str, float]) -> None:
@@ -733,7 +750,13 @@ def serve_command(
         service.start()
         model = service.daemon.models[0]
         table = Table(title=f"edgedx serve {__version__}", show_header=False)
-        decided = "argmax" if model.threshold is None else f"threshold {model.threshold:.4f}"
+        decided = (
+            "argmax"
+            if model.threshold is None
+            else f"threshold {model.threshold:.4f}"
+            if isinstance(model.threshold, float)
+            else f"a threshold per label ({', '.join(model.class_names)})"
+        )
         table.add_row("model", f"{service.bundle.name} ({model.role}, {model.backend}, {decided})")
         if service.bundle.synthetic_only:
             table.add_row("[bold yellow]trained on[/]", "[bold yellow]synthetic data only: not validated on real scans")

@@ -16,7 +16,12 @@ from .errors import ConfigError, DataError
 
 
 def auc(y: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC; macro one-vs-rest over classes for (N, K) scores."""
+    """ROC AUC; macro one-vs-rest over classes for (N, K) scores; for multi-label (N, L) labels, the
+    mean over the labels that have both positive and negative cases."""
+    y = np.asarray(y)
+    if y.ndim == 2:
+        per_label = [auc(y[:, i], scores[:, i]) for i in range(y.shape[1]) if np.unique(y[:, i]).size == 2]
+        return float(np.mean(per_label)) if per_label else float("nan")
     if scores.ndim == 1:
         return float(roc_auc_score(y, scores))
     return float(roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=np.arange(scores.shape[1])))
@@ -76,7 +81,13 @@ def _ratio(num: float, den: float) -> float:
 
 
 def evaluate(
-    y: np.ndarray, scores: np.ndarray, threshold: float | None = None, *, resamples: int = 1000, seed: int = 0
+    y: np.ndarray,
+    scores: np.ndarray,
+    threshold: float | list[float] | None = None,
+    *,
+    resamples: int = 1000,
+    seed: int = 0,
+    label_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Metrics of a set of predictions.
 
@@ -85,7 +96,12 @@ def evaluate(
         ``confusion_matrix`` (rows = truth), ``n``, ``ece`` (expected calibration error, 15 bins)
         and, for binary tasks, ``threshold``.
         Multi-class sensitivity, specificity, PPV and NPV are macro averages over classes.
+        Multi-label tasks ((N, L) 0/1 labels, a threshold per label) get the binary figures of
+        their first label (the headline, e.g. ``any``), ``per_label`` with each label's, and
+        ``mean_auc`` over the labels that have both classes.
     """
+    if np.asarray(y).ndim == 2:
+        return _evaluate_multilabel(np.asarray(y), np.asarray(scores), threshold, resamples, seed, label_names)
     y = np.asarray(y).astype(np.int64).reshape(-1)
     scores = np.asarray(scores, np.float64)
     if len(y) != len(scores):
@@ -132,3 +148,27 @@ def evaluate(
         }
     result["confusion_matrix"] = cm.tolist()
     return result
+
+
+def _evaluate_multilabel(
+    y: np.ndarray,
+    scores: np.ndarray,
+    thresholds: Any,
+    resamples: int,
+    seed: int,
+    label_names: list[str] | None,
+) -> dict[str, Any]:
+    names = label_names or [f"label-{i}" for i in range(y.shape[1])]
+    if scores.shape != y.shape or not isinstance(thresholds, (list, tuple)) or len(thresholds) != y.shape[1]:
+        raise ConfigError(f"multi-label metrics need (N, L) scores and L thresholds; got {scores.shape}, {thresholds}")
+    per_label = {}
+    for i, name in enumerate(names):
+        if np.unique(y[:, i]).size < 2:  # a label no case (or every case) has here: nothing to rank
+            per_label[name] = {"n": len(y), "positives": int(y[:, i].sum()), "auc": float("nan")}
+            continue
+        figures = evaluate(y[:, i], scores[:, i], thresholds[i], resamples=resamples, seed=seed)
+        per_label[name] = figures | {"positives": int(y[:, i].sum())}
+    headline = per_label[names[0]]
+    if "threshold" not in headline:
+        raise DataError(f"the {names[0]!r} label needs positive and negative cases")
+    return {**headline, "per_label": per_label, "mean_auc": auc(y, scores)}

@@ -9,7 +9,8 @@ from .errors import ConfigError
 
 
 def probabilities(logits: np.ndarray, activation: str, calibration: Calibration | None = None) -> np.ndarray:
-    """Logits (N, 1) or (N, K) -> probabilities: (N,) positive-class for sigmoid, (N, K) for softmax.
+    """Logits -> probabilities: sigmoid (N, 1) -> (N,) positive class, sigmoid (N, L) -> (N, L) one per
+    label (multi-label), softmax (N, K) -> (N, K).
 
     ``calibration`` (the model's own, from the manifest) is applied to the logits first.
     """
@@ -17,15 +18,20 @@ def probabilities(logits: np.ndarray, activation: str, calibration: Calibration 
     if calibration is not None:
         z = calibration.apply(z)
     if activation == "sigmoid":
-        return np.exp(-np.logaddexp(0.0, -z.reshape(len(z), -1)[:, 0]))  # 1 / (1 + e^-z), without overflow
+        z = z.reshape(len(z), -1)
+        p = np.exp(-np.logaddexp(0.0, -z))  # 1 / (1 + e^-z), without overflow
+        return p[:, 0] if p.shape[1] == 1 else p
     if activation == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
     raise ConfigError(f"unknown output activation {activation!r}; expected sigmoid or softmax")
 
 
-def decisions(probs: np.ndarray, threshold: float | None) -> np.ndarray:
-    """Class index per case: ``probs >= threshold`` for binary (N,), argmax for (N, K)."""
+def decisions(probs: np.ndarray, threshold: float | list[float] | None) -> np.ndarray:
+    """Class index per case: ``probs >= threshold`` for binary (N,), argmax for (N, K); for
+    multi-label (N, L) probabilities with a threshold per label, 0/1 per label (N, L)."""
+    if isinstance(threshold, (list, tuple, np.ndarray)):
+        return (probs >= np.asarray(threshold, np.float64)).astype(np.int64)
     if probs.ndim == 1:
         if threshold is None:
             raise ConfigError("a binary model needs a decision threshold")

@@ -12,6 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -181,9 +182,12 @@ def fit(
     from ._tf import keras, tf
 
     x, y = data.x["train"], data.y["train"]
-    counts = np.bincount(y, minlength=2)
-    class_weight = {c: len(y) / (len(counts) * n) for c, n in enumerate(counts) if n}
-    targets = y.astype(np.float32)[:, None] if activation == "sigmoid" else y
+    if y.ndim == 2:  # multi-label: Keras weighs classes of one output only
+        class_weight, targets = None, y.astype(np.float32)
+    else:
+        counts = np.bincount(y, minlength=2)
+        class_weight = {c: len(y) / (len(counts) * n) for c, n in enumerate(counts) if n}
+        targets = y.astype(np.float32)[:, None] if activation == "sigmoid" else y
     ds = tf.data.Dataset.from_tensor_slices((x, targets)).shuffle(
         len(x), seed=config.seed, reshuffle_each_iteration=True
     )
@@ -262,16 +266,31 @@ def _ValidationAUC(
 
 
 def evaluate_model(
-    model, data: PreparedData, activation: str, config: TrainConfig, calibration: Calibration | None = None
-) -> tuple[float | None, dict[str, dict[str, Any]]]:
-    """Choose the threshold on (calibrated) validation scores, then measure validation and test metrics."""
+    model,
+    data: PreparedData,
+    activation: str,
+    config: TrainConfig,
+    calibration: Calibration | None = None,
+    label_names: list[str] | None = None,
+) -> tuple[float | list[float] | None, dict[str, dict[str, Any]]]:
+    """Choose the threshold (one per label for multi-label) on (calibrated) validation scores, then
+    measure validation and test metrics."""
     scores = {s: predict_scores(model, data.x[s], activation, calibration=calibration) for s in ("val", "test")}
-    threshold = None
-    if activation == "sigmoid":
-        threshold = clinical.choose_threshold(
-            data.y["val"], scores["val"], policy=config.threshold_policy, target_sensitivity=config.target_sensitivity
-        )
-    return threshold, {s: clinical.evaluate(data.y[s], scores[s], threshold, seed=config.seed) for s in scores}
+    threshold: float | list[float] | None = None
+    choose = partial(
+        clinical.choose_threshold, policy=config.threshold_policy, target_sensitivity=config.target_sensitivity
+    )
+    y_val = data.y["val"]
+    if y_val.ndim == 2:  # a label with no positive (or no negative) validation case keeps 0.5
+        threshold = [
+            choose(y_val[:, i], scores["val"][:, i]) if np.unique(y_val[:, i]).size == 2 else 0.5
+            for i in range(y_val.shape[1])
+        ]
+    elif activation == "sigmoid":
+        threshold = choose(y_val, scores["val"])
+    return threshold, {
+        s: clinical.evaluate(data.y[s], scores[s], threshold, seed=config.seed, label_names=label_names) for s in scores
+    }
 
 
 def train(
@@ -320,15 +339,15 @@ def train(
     else:
         spec = training_spec(dataset, config.input_size or dataset.default_size, config.windows)
     data = prepare_data(dataset, spec, progress)
-    model = _initial_model(parent, config, data.spec, dataset.num_classes)
-    activation = "sigmoid" if dataset.num_classes == 2 else "softmax"
+    model = _initial_model(parent, config, data.spec, dataset)
+    activation = "softmax" if dataset.task == "multiclass" else "sigmoid"
     history = fit(
         model, data, config, activation=activation, hflip=dataset.hflip_ok, progress=progress, on_epoch=on_epoch
     )
     for layer in model.layers:  # a bundle's model is whole again, whatever was frozen for fine-tuning
         layer.trainable = True
     calibration = fit_to_labels(predict_logits(model, data.x["val"]), data.y["val"])
-    threshold, measured = evaluate_model(model, data, activation, config, calibration)
+    threshold, measured = evaluate_model(model, data, activation, config, calibration, list(dataset.class_names))
     guard = fit_guard(data.x["train"], data.x["val"], Scope.for_training(_modalities(dataset), dataset.body_parts))
     guard = guard.with_rates(test=flag_rate(guard, data.x["test"]))
     params, nonzero = count_parameters(model)
@@ -345,7 +364,7 @@ def train(
             "macs": count_macs(model),
         },
         "task": {
-            "kind": "binary" if activation == "sigmoid" else "multiclass",
+            "kind": dataset.task,
             "class_names": list(dataset.class_names),
             "output": "logits",
             "activation": activation,
@@ -403,7 +422,15 @@ def _modalities(dataset: Dataset) -> list[str] | None:
 
 def _check_classes(dataset: Dataset) -> None:
     for split in ("train", "val"):
-        present = np.unique(dataset.splits[split].labels).size
+        labels = dataset.splits[split].labels
+        if dataset.multilabel:  # the headline label has to be learnable; rarer ones may be missing here
+            if np.unique(labels[:, 0]).size < 2:
+                raise DataError(
+                    f"{dataset.source}: the {split} split has no {'negative' if labels[:, 0].all() else 'positive'} "
+                    f"{dataset.class_names[0]!r} case; training and threshold selection need both"
+                )
+            continue
+        present = np.unique(labels).size
         if present < dataset.num_classes:
             raise DataError(
                 f"{dataset.source}: the {split} split has {present} of {dataset.num_classes} classes; "
@@ -430,13 +457,14 @@ def _parent_record(parent: Bundle) -> dict[str, Any]:
     return {"name": parent.name, "keras_sha256": parent.manifest["models"]["keras"]["sha256"]}
 
 
-def _initial_model(parent: Bundle | None, config: TrainConfig, spec: PreprocessSpec, classes: int):
+def _initial_model(parent: Bundle | None, config: TrainConfig, spec: PreprocessSpec, dataset: Dataset):
     """A new network, or the initial bundle's with its first ``config.freeze_layers`` layers frozen."""
     from ._tf import keras
     from .models import create_model
 
     if parent is None:
-        return create_model(config.arch, (spec.size, spec.size, spec.channels), classes, width=config.width)
+        shape = (spec.size, spec.size, spec.channels)
+        return create_model(config.arch, shape, dataset.num_classes, width=config.width, multilabel=dataset.multilabel)
     model = keras.models.load_model(parent.model_path("keras"), compile=False)
     weighted = [layer for layer in model.layers if layer.weights]
     if config.freeze_layers > len(weighted):

@@ -473,3 +473,17 @@ def test_out_of_scope_inputs_get_an_out_of_distribution_result_sr_and_count(serv
     assert "indeterminate" in str(sr)
     metrics = httpx.get(f"http://127.0.0.1:{service.http.port}/metrics").text
     assert re.search(r'edgedx_inputs_total\{outcome="out_of_distribution",source="cstore"\} 2\.0', metrics), metrics
+
+
+def test_series_summary_multilabel_takes_each_labels_maximum():
+    from edgedx.serve.daemon import series_summary
+
+    names = ["any", "subdural", "epidural"]
+    slices = [
+        {"instance": "a", "probabilities": {"any": 0.7, "subdural": 0.6, "epidural": 0.1}, "label": "any, subdural"},
+        {"instance": "b", "probabilities": {"any": 0.2, "subdural": 0.1, "epidural": 0.3}, "label": "none"},
+    ]
+    summary = series_summary(slices, class_names=names, threshold=[0.5, 0.5, 0.5])
+    assert summary["findings"] == ["any", "subdural"] and summary["decision"] == 1
+    assert summary["maximum_probabilities"] == {"any": 0.7, "subdural": 0.6, "epidural": 0.3}
+    assert series_summary(slices, class_names=names, threshold=[0.8, 0.5, 0.2])["findings"] == ["subdural", "epidural"]

@@ -176,3 +176,31 @@ def test_real_pneumoniamnist_short_run(tmp_path):
 
     result = train(load_dataset(shared_file("pneumoniamnist.npz")), tmp_path / "pneu", TrainConfig(epochs=3))
     assert result.metrics["test"]["auc"] > 0.9
+
+
+def test_multilabel_any_and_subtypes(tiny_headct, tmp_path):
+    """RSNA labels: one sigmoid and one threshold per label, per-label metrics, quantized and run like any bundle."""
+    from edgedx.compress import CompressConfig, compress
+    from edgedx.data import RSNA_LABELS
+    from edgedx.runtime import Model
+
+    dataset = load_dataset(tiny_headct, labels=RSNA_LABELS)
+    assert dataset.task == "multilabel" and dataset.splits["train"].labels.shape[1] == 6
+    result = train(
+        dataset, tmp_path / "ml", TrainConfig(arch="seed-cnn", width=0.25, input_size=32, epochs=2, batch_size=8)
+    )
+    m = result.bundle.manifest
+    assert m["task"]["kind"] == "multilabel" and m["task"]["class_names"] == list(RSNA_LABELS)
+    assert m["data"]["labels"] == list(RSNA_LABELS) and len(m["threshold"]["value"]) == 6
+    per_label = m["metrics"]["test"]["per_label"]
+    assert list(per_label) == list(RSNA_LABELS) and per_label["any"]["auc"] == m["metrics"]["test"]["auc"]
+    assert len(result.bundle.calibration("keras").to_dict()["scale"]) == 6
+    with pytest.raises(ConfigError, match="multi-label"):
+        compress(result.bundle.path, tmp_path / "d", CompressConfig(distill=True, quantize="none"))
+    small = compress(result.bundle.path, tmp_path / "q", CompressConfig(quantize="int8"))
+    model = Model.load(small.bundle.path)
+    first = next(tiny_headct.rglob("*.dcm"))
+    prediction = model.predict(first)
+    assert np.shape(prediction.probabilities) == (6,) and set(prediction.findings) <= set(RSNA_LABELS)
+    assert prediction.decision == int("any" in prediction.findings) or not prediction.in_distribution
+    assert recorded_dataset(small.bundle.manifest["data"]).task == "multilabel"

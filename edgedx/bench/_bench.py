@@ -56,6 +56,7 @@ def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]
                     "bundle": name,
                     "bundle_path": str(b.path),
                     "role": role,
+                    "class_names": b.class_names,
                     "bytes": int(b.manifest["models"][role]["bytes"]),
                     "macs": b.manifest.get("arch", {}).get("macs"),
                     "threshold": _threshold(b, role),

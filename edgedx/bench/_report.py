@@ -85,7 +85,9 @@ def summarize(
     for item in measured:
         probe = item["probe"]
         scores = np.asarray(probe["probabilities"])
-        figures = clinical.evaluate(labels, scores, item["threshold"], resamples=resamples)
+        figures = clinical.evaluate(
+            labels, scores, item["threshold"], resamples=resamples, label_names=item.get("class_names")
+        )
         flips = float(np.mean(decisions(scores, item["threshold"]) != reference_decisions))
         latency = summarize_latency(probe["latency_ms"])
         row = {
@@ -96,7 +98,8 @@ def summarize(
             "clinical": {
                 k: figures[k] for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity", "accuracy", "ece")
             }
-            | {"flips": flips, "threshold": item["threshold"], "guard_flag_rate": item.get("guard_flag_rate")},
+            | {"flips": flips, "threshold": item["threshold"], "guard_flag_rate": item.get("guard_flag_rate")}
+            | _per_label(figures),
             "device": {
                 **latency,
                 "load_seconds": probe["load_seconds"],
@@ -129,6 +132,19 @@ def summarize(
     _probability_shifts(rows)
     notes = _precision_notes(rows, device) + _where_notes(where)
     return BenchResult(device, rows, missed, notes, np.asarray(labels).tolist())
+
+
+def _per_label(figures: dict[str, Any]) -> dict[str, Any]:
+    """A multi-label model's test AUC (95% CI) per label; nothing for other tasks."""
+    if "per_label" not in figures:
+        return {}
+    return {
+        "per_label": {
+            name: {"auc": f["auc"], "auc_ci95": f.get("auc_ci95"), "positives": f["positives"]}
+            for name, f in figures["per_label"].items()
+        },
+        "mean_auc": figures["mean_auc"],
+    }
 
 
 def _probability_shifts(rows: list[dict[str, Any]]) -> None:
@@ -208,6 +224,22 @@ def write_report(result: BenchResult, out: Path) -> BenchResult:
         lines[-1] += ", ".join(
             f"{r['bundle']} {r['precision']} {r['clinical']['median_abs_dp_vs_float32']:.4f}" for r in shifts
         )
+    labelled = [r for r in result.rows if "per_label" in r["clinical"]]
+    if labelled:
+        names = list(labelled[0]["clinical"]["per_label"])
+        lines += ["", "## Per label (multi-label models): test AUC (95% CI), positives", ""]
+        lines += ["| model | precision | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in labelled:
+            cells = []
+            for name in names:
+                f = r["clinical"]["per_label"][name]
+                ci = f.get("auc_ci95")
+                cells.append(
+                    "- (no positives)"
+                    if f["auc"] != f["auc"]
+                    else f"{f['auc']:.3f} ({ci[0]:.3f}-{ci[1]:.3f}), {f['positives']}"
+                )
+            lines.append(f"| {r['bundle']} | {r['precision']} | " + " | ".join(cells) + " |")
     if result.ood is not None:
         lines += ["", "## Inputs from --ood", "", "| model | file | status | p | why |", "|---|---|---|---|---|"]
         for entry in result.ood:
@@ -253,9 +285,11 @@ def _plots(result: BenchResult, out: Path) -> list[Path]:
         fig.savefig(out / "roc.png", dpi=120)
         plt.close(fig)
         written.append(out / "roc.png")
+    headline = labels[:, 0] if labels.ndim == 2 else labels  # multi-label: the first label's
     fig, ax = plt.subplots(figsize=(5, 5))
     for r in result.rows:
-        curve = reliability(labels, np.asarray(r["scores"]))
+        scores = np.asarray(r["scores"])
+        curve = reliability(headline, scores[:, 0] if labels.ndim == 2 else scores)
         ece = r["clinical"].get("ece")
         ax.plot(
             curve["confidence"],
@@ -265,7 +299,7 @@ def _plots(result: BenchResult, out: Path) -> list[Path]:
             label=f"{r['bundle']} {r['precision']}" + (f" (ECE {ece:.3f})" if ece is not None else ""),
         )
     ax.plot([0, 1], [0, 1], ls=":", c="grey")
-    what = "positive-class probability" if binary else "top-class confidence"
+    what = "positive-class probability" if binary or labels.ndim == 2 else "top-class confidence"
     ax.set(xlabel=f"predicted {what}", ylabel="observed frequency", title="Reliability, test split (15 bins)")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

@@ -301,6 +301,12 @@ def compress(
     manifest = parent_bundle.manifest
     if "keras" not in manifest["models"]:
         raise ConfigError(f"{parent_bundle.path}: compress needs the float Keras model of a trained bundle")
+    multilabel = manifest["task"]["kind"] == "multilabel"
+    if multilabel and (config.distill or config.prune or config.quantize == "auto"):
+        raise ConfigError(
+            f"{parent_bundle.path} is a multi-label model: compress quantizes it (--quantize int8, float16, "
+            "dynamic) but does not distill, prune or choose a precision for it yet"
+        )
     dataset = recorded_dataset(manifest["data"], data)
     prepared = prepare_data(dataset, parent_bundle.preprocess, progress)
     activation = manifest["task"]["activation"]
@@ -580,7 +586,11 @@ def _write(
     deploy_threshold = deploy_calibration.probability_threshold(final.threshold)
     metrics = {
         s: clinical.evaluate(
-            prepared.y[s], recalibrate(final.scores[s], deploy_calibration), deploy_threshold, seed=config.seed
+            prepared.y[s],
+            recalibrate(final.scores[s], deploy_calibration, prepared.y[s].ndim == 2),
+            deploy_threshold,
+            seed=config.seed,
+            label_names=parent.class_names,
         )
         for s in ("val", "test")
     }
@@ -645,11 +655,12 @@ def _calibrations(
     a multi-class one gets its own temperature.
     """
     y = prepared.y["val"]
-    float_logits = logits_of(float_stage.scores["val"])
+    multilabel = y.ndim == 2
+    float_logits = logits_of(float_stage.scores["val"], multilabel)
     float_calibration = fit_to_labels(float_logits, y)
     if deploy.mode == "float32" or final is float_stage:
         return float_calibration, float_calibration
-    deploy_logits = logits_of(final.scores["val"])
-    if deploy_logits.ndim == 1:
+    deploy_logits = logits_of(final.scores["val"], multilabel)
+    if deploy_logits.ndim == 1 or multilabel:
         return float_calibration, fit_to_reference(deploy_logits, float_calibration.apply(float_logits))
     return float_calibration, fit_to_labels(deploy_logits, y)

@@ -6,17 +6,18 @@ TensorFlow-free. :func:`load_dataset` picks the reader from what the path holds.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import DataError
 from .dataset import SPLITS, Dataset, PreparedSplit, Split, prepare_split
-from .dicom import image_from_dataset, read_dataset, read_image, read_study_folder
+from .dicom import RSNA_LABELS, image_from_dataset, read_dataset, read_image, read_study_folder
 from .folder import read_image_folder
 from .medmnist import read_medmnist
 from .synth import GENERATOR_VERSION, SynthConfig, synthesize
 
 __all__ = [
+    "RSNA_LABELS",
     "SPLITS",
     "Dataset",
     "PreparedSplit",
@@ -40,18 +41,21 @@ __all__ = [
 DEFAULT_SYNTH = SynthConfig()
 
 
-def load_dataset(path: Path | str) -> Dataset:
+def load_dataset(path: Path | str, *, labels: Sequence[str] | None = None) -> Dataset:
     """Read a dataset, choosing the reader from the path.
 
     - a ``.npz`` file: MedMNIST;
     - a folder with ``labels.csv``: DICOM slices labelled in the RSNA layout (the synthetic
-      head-CT data is such a folder);
+      head-CT data is such a folder); ``labels`` names the columns to learn (default ``any``;
+      several make a multi-label dataset, e.g. :data:`RSNA_LABELS`);
     - any other folder: an image folder with a sub-folder per class.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_file():
+        if labels:
+            raise DataError(f"{path.name}: choosing label columns needs a folder with labels.csv (the RSNA layout)")
         if path.suffix.lower() == ".npz":
             return read_medmnist(path)
         raise DataError(
@@ -59,7 +63,9 @@ def load_dataset(path: Path | str) -> Dataset:
             "holds the slices and labels.csv"
         )
     if (path / "labels.csv").is_file():
-        return read_study_folder(path)
+        return read_study_folder(path, target=tuple(labels or ("any",)))
+    if labels:
+        raise DataError(f"{path}: choosing label columns needs a folder with labels.csv (the RSNA layout)")
     return read_image_folder(path)
 
 
@@ -71,12 +77,16 @@ def default_dataset_dir(config: SynthConfig = DEFAULT_SYNTH) -> Path:
     return Path(home) / f"headct-synth-v{GENERATOR_VERSION}-{c.studies}x{c.slices}-seed{c.seed}-{c.difficulty}{split}"
 
 
-def default_dataset(progress: Callable[[int, int], None] | None = None, config: SynthConfig = DEFAULT_SYNTH) -> Dataset:
+def default_dataset(
+    progress: Callable[[int, int], None] | None = None,
+    config: SynthConfig = DEFAULT_SYNTH,
+    labels: Sequence[str] | None = None,
+) -> Dataset:
     """The embedded synthetic head-CT dataset (or another synthetic ``config``), made on first use."""
     folder = default_dataset_dir(config)
     if not (folder / "labels.csv").is_file():
         synthesize(folder, config, progress=progress)
-    return read_study_folder(folder)
+    return read_study_folder(folder, target=tuple(labels or ("any",)))
 
 
 def recorded_dataset(
@@ -87,8 +97,9 @@ def recorded_dataset(
     Synthetic data is recorded by its settings and made again here if it is not cached; any other
     data by the path it was read from, which has to exist on this machine.
     """
+    labels = record.get("labels")  # the label columns a multi-label dataset was read with
     if data is not None:
-        return load_dataset(data)
+        return load_dataset(data, labels=labels)
     settings = record.get("synthetic")
     if settings:
         version = settings.get("generator_version")
@@ -99,11 +110,11 @@ def recorded_dataset(
             )
         fields = {k: settings[k] for k in ("studies", "slices", "seed", "difficulty") if k in settings}
         config = SynthConfig(**fields, split=tuple(settings.get("split", DEFAULT_SYNTH.split)))
-        return default_dataset(progress, config)
+        return default_dataset(progress, config, labels)
     source = record.get("source")
     if not source or not Path(source).exists():
         raise DataError(
             f"the bundle was trained on {record.get('name', 'data')} from {source or 'an unrecorded place'}, "
             "which is not on this machine; give the data with --data"
         )
-    return load_dataset(source)
+    return load_dataset(source, labels=labels)

@@ -23,7 +23,7 @@ class Split:
     """
 
     ids: tuple[str, ...]
-    labels: np.ndarray
+    labels: np.ndarray  # (N,) class index, or (N, L) 0/1 per label for a multi-label dataset
     read: Callable[[int], np.ndarray] = field(repr=False)
 
     def __post_init__(self) -> None:
@@ -45,7 +45,8 @@ class Dataset:
         name: Short name (``headct-synth``, ``pneumoniamnist``, a folder name).
         source: Where it was read from.
         input: ``"hu"`` when images are CT in Hounsfield units, ``"intensity"`` for grey levels.
-        class_names: Name of each class index.
+        class_names: Name of each class index; of each label for a multi-label dataset, whose
+            splits have (N, L) 0/1 labels (the first label is the headline, e.g. ``any``).
         splits: ``train``, ``val`` and ``test``.
         hflip_ok: Whether a left-right flip keeps the label (not for organ laterality classes).
         default_size: Input size a model should use when the user gives none.
@@ -70,6 +71,10 @@ class Dataset:
         if missing:
             raise DataError(f"{self.source}: split(s) {', '.join(missing)} are empty or missing")
         for name, split in self.splits.items():
+            if self.multilabel:
+                if split.labels.ndim != 2 or split.labels.shape[1] != self.num_classes:
+                    raise DataError(f"{self.source}: {name} split has labels of shape {split.labels.shape}")
+                continue
             bad = split.labels[(split.labels < 0) | (split.labels >= len(self.class_names))]
             if bad.size:
                 raise DataError(
@@ -81,6 +86,22 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.splits["train"].labels.ndim == 2
+
+    @property
+    def task(self) -> str:
+        """``binary``, ``multiclass`` or ``multilabel`` (one sigmoid per label)."""
+        return "multilabel" if self.multilabel else "binary" if self.num_classes == 2 else "multiclass"
+
+    def counts(self, split: str) -> list[int]:
+        """Images per class, or positives per label for a multi-label dataset."""
+        labels = self.splits[split].labels
+        if self.multilabel:
+            return labels.sum(axis=0).astype(int).tolist()
+        return np.bincount(labels, minlength=self.num_classes).tolist()
+
     def summary(self) -> dict[str, object]:
         """What a manifest records of the data (the synthetic set by its settings, not its path)."""
         origin: dict[str, object] = (
@@ -89,11 +110,12 @@ class Dataset:
         return {
             "name": self.name,
             **origin,
+            **({"labels": list(self.class_names)} if self.multilabel else {}),
             "input": self.input,
             "classes": list(self.class_names),
             "body_parts": list(self.body_parts),
             "splits": {
-                s: {"images": len(sp), "per_class": np.bincount(sp.labels, minlength=self.num_classes).tolist()}
+                s: {"images": len(sp), ("positives" if self.multilabel else "per_class"): self.counts(s)}
                 for s, sp in self.splits.items()
             },
         }

@@ -12,7 +12,7 @@ import json
 import math
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -375,6 +375,9 @@ def _split_for_patient(patient_id: str) -> str:
     return "train" if bucket < 70 else "val" if bucket < 85 else "test"
 
 
+#: ``any`` and the five hemorrhage subtypes of the RSNA layout: a multi-label head-CT dataset.
+RSNA_LABELS = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+
 #: How many headers, spread over a folder, say which body parts it holds.
 BODY_PART_SAMPLE = 16
 
@@ -404,7 +407,11 @@ def _synthetic_settings(folder: Path) -> dict[str, object] | None:
 
 
 def read_study_folder(
-    folder: Path | str, *, labels_csv: str = "labels.csv", target: str = "any", modalities: Iterable[str] = ("CT",)
+    folder: Path | str,
+    *,
+    labels_csv: str = "labels.csv",
+    target: str | Sequence[str] = "any",
+    modalities: Iterable[str] = ("CT",),
 ) -> Dataset:
     """A folder of DICOM slices labelled in the RSNA intracranial-hemorrhage wide layout.
 
@@ -417,7 +424,8 @@ def read_study_folder(
     Args:
         folder: The study folder.
         labels_csv: Name of the labels file inside it.
-        target: The label column to learn (binary: 0 = no, 1 = yes).
+        target: The label column to learn (binary: 0 = no, 1 = yes), or several (a multi-label
+            dataset, e.g. ``any`` and the five RSNA subtypes; see :data:`RSNA_LABELS`).
         modalities: Modalities accepted.
     """
     folder = Path(folder)
@@ -432,8 +440,12 @@ def read_study_folder(
     if not rows:
         raise LabelError(f"{csv_path}: no rows")
     columns = set(rows[0])
-    if target not in columns:
-        raise LabelError(f"{csv_path}: no column {target!r}; columns are {', '.join(sorted(columns))}")
+    targets = [target] if isinstance(target, str) else list(target)
+    if not targets or len(set(targets)) != len(targets):
+        raise LabelError(f"labels to learn must be distinct column names, got {targets}")
+    missing_columns = [t for t in targets if t not in columns]
+    if missing_columns:
+        raise LabelError(f"{csv_path}: no column {missing_columns[0]!r}; columns are {', '.join(sorted(columns))}")
     if not {"file", "SOPInstanceUID"} & columns:
         raise LabelError(f"{csv_path}: needs a 'file' or a 'SOPInstanceUID' column to find each slice")
 
@@ -460,10 +472,13 @@ def read_study_folder(
 
     labels = []
     for line, row in enumerate(rows, start=2):
-        value = (row.get(target) or "").strip()
-        if value not in ("0", "1"):
-            raise LabelError(f"{csv_path}:{line}: {target!r} is {value!r}; expected 0 or 1")
-        labels.append(int(value))
+        values = []
+        for column in targets:
+            value = (row.get(column) or "").strip()
+            if value not in ("0", "1"):
+                raise LabelError(f"{csv_path}:{line}: {column!r} is {value!r}; expected 0 or 1")
+            values.append(int(value))
+        labels.append(values if len(targets) > 1 else values[0])
 
     if "split" in columns:
         split_of = [r["split"].strip() for r in rows]
@@ -494,7 +509,7 @@ def read_study_folder(
         name=folder.name,
         source=str(folder),
         input=input_kind,
-        class_names=(f"no-{target}", target),
+        class_names=tuple(targets) if len(targets) > 1 else (f"no-{targets[0]}", targets[0]),
         splits=splits,
         hflip_ok=True,
         default_size=64,

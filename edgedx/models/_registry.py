@@ -27,20 +27,28 @@ def list_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
-def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int, *, width: float | None = None):
+def create_model(
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    *,
+    width: float | None = None,
+    multilabel: bool = False,
+):
     """Build architecture ``name`` for ``input_shape`` (H, W, C) and ``num_classes`` classes.
 
     Binary tasks get one output (the logit of the positive class); multi-class tasks one logit per
-    class. Outputs are logits: the runtime applies the sigmoid or softmax. ``width`` scales every
-    layer's channels; ``None`` keeps the architecture's own default.
+    class; multi-label tasks (``multilabel``, ``num_classes`` labels) one logit per label. Outputs
+    are logits: the runtime applies the sigmoid or softmax. ``width`` scales every layer's
+    channels; ``None`` keeps the architecture's own default.
     """
     if name not in _ARCHITECTURES:
         raise ModelNotFound(f"unknown architecture {name!r}; choose from: {', '.join(list_architectures())}")
     if num_classes < 2:
-        raise ConfigError(f"need at least 2 classes, got {num_classes}")
+        raise ConfigError(f"need at least 2 {'labels' if multilabel else 'classes'}, got {num_classes}")
     if width is not None and not 0.05 <= width <= 4.0:
         raise ConfigError(f"width multiplier must be in [0.05, 4], got {width}")
-    num_outputs = 1 if num_classes == 2 else num_classes
+    num_outputs = 1 if num_classes == 2 and not multilabel else num_classes
     options = {} if width is None else {"width": width}
     return _ARCHITECTURES[name](tuple(input_shape), num_outputs, **options)
 

@@ -31,7 +31,9 @@ class Prediction:
     """One case: probabilities, the decision, whether the input is in distribution, and step times.
 
     ``probabilities`` is the calibrated positive-class probability (a 0-d array) for a binary model
-    and one probability per class (K,) otherwise. An input the bundle's guard flags has
+    and one probability per class or label (K,) otherwise. A multi-label model's ``decision`` is its
+    first label's (the headline, e.g. ``any``), its ``findings`` every label over its threshold and
+    its ``label`` those joined by commas (``none`` if there are none). An input the bundle's guard flags has
     ``in_distribution`` False, its ``ood_reasons``, and no ``decision`` or ``label``; one its header
     already puts out of scope (another modality or body part, a localizer, a non-axial plane) is not
     run at all, so it has no ``probabilities`` either. ``ood_score`` above 1 is out of distribution.
@@ -42,11 +44,12 @@ class Prediction:
     probabilities: np.ndarray | None
     decision: int | None
     label: str | None
-    threshold: float | None
+    threshold: float | list[float] | None
     in_distribution: bool = True
     ood_score: float | None = None
     ood_reasons: tuple[str, ...] = ()
     timings_ms: dict[str, float] = field(default_factory=dict, compare=False)
+    findings: tuple[str, ...] = ()  # multi-label: every label at or over its threshold
 
     def scores(self, class_names: list[str]) -> dict[str, float]:
         """Probability per class name (binary: both classes, the negative as 1 - p); empty if not run."""
@@ -167,7 +170,7 @@ class Model:
         self.spec: PreprocessSpec = bundle.preprocess
         self.activation: str = bundle.manifest["task"]["activation"]
         self.class_names: list[str] = bundle.class_names
-        self.threshold: float | None = bundle.manifest["models"][role].get("threshold", bundle.threshold)
+        self.threshold: float | list[float] | None = bundle.manifest["models"][role].get("threshold", bundle.threshold)
         self.calibration = bundle.calibration(role)
         self.guard = bundle.load_guard()
         self.scope = self.guard.scope if self.guard else Scope(modalities=tuple(self.modalities or ()))
@@ -279,11 +282,20 @@ class Model:
         lap("guard")
         probs = self.predict_inputs(model_input[None])
         lap("inference")
-        decision = int(decisions(probs, self.threshold)[0]) if checked.in_distribution else None
+        decision, label, findings = None, None, ()
+        if checked.in_distribution:
+            decided = decisions(probs, self.threshold)[0]
+            if decided.ndim:  # multi-label: one 0/1 per label
+                findings = tuple(name for name, hit in zip(self.class_names, decided, strict=True) if hit)
+                decision, label = int(decided[0]), ", ".join(findings) or "none"
+            else:
+                decision = int(decided)
+                label = self.class_names[decision]
         return Prediction(
             probabilities=probs[0],
             decision=decision,
-            label=None if decision is None else self.class_names[decision],
+            label=label,
+            findings=findings,
             threshold=self.threshold,
             in_distribution=checked.in_distribution,
             ood_score=None if checked.score is None else round(checked.score, 4),

@@ -227,7 +227,7 @@ class Daemon:
         model = self.models[0]
         self.role, self.threshold = model.role, model.threshold
         self.class_names = model.class_names
-        self.binary = model.threshold is not None and len(model.class_names) == 2
+        self.binary = isinstance(model.threshold, float) and len(model.class_names) == 2
         self.model_record = {
             "name": bundle.name,
             "role": model.role,
@@ -417,6 +417,8 @@ class Daemon:
         if self.binary:
             p = prediction.probabilities
             record["probability"] = None if p is None else round(float(p), 6)
+        elif isinstance(prediction.threshold, list):  # multi-label
+            record["findings"] = list(prediction.findings)
         return record
 
     def _finish_spooled(self, model: Model, job: _Job) -> None:
@@ -514,7 +516,7 @@ class Daemon:
             summary = series_summary(
                 list(instances.values()),
                 class_names=self.class_names,
-                threshold=self.threshold if self.binary else None,
+                threshold=self.threshold if self.binary or isinstance(self.threshold, list) else None,
             )
             summary |= {"series": series, "model": self.model_record, "updated": _now()}
             replace_atomically(self.outputs.series_root / series / "series.json", json_bytes(summary))
@@ -574,12 +576,14 @@ def free_megabytes(folder: Path) -> float:
 
 
 def series_summary(
-    instances: list[dict[str, Any]], *, class_names: list[str], threshold: float | None
+    instances: list[dict[str, Any]], *, class_names: list[str], threshold: float | list[float] | None
 ) -> dict[str, Any]:
     """A series result from its instance results.
 
     Binary models (``threshold`` given): the series takes its most suspicious slice, the RSNA "any
-    hemorrhage" rule. Multi-class models: every class's maximum over the slices, and the label
+    hemorrhage" rule. Multi-label models (a threshold per label): the maximum of each label over the
+    slices, each against its threshold; the decision is the first label's. Multi-class models:
+    every class's maximum over the slices, and the label
     most slices were given (ties: the class with the higher maximum). Only slices in the model's
     training distribution count; flagged ones are counted apart, and a series with none left is
     ``out_of_distribution`` with no decision.
@@ -602,6 +606,12 @@ def series_summary(
         "status": "classified",
         "maximum_probabilities": {name: max(r["probabilities"][name] for r in instances) for name in class_names},
     }
+    if isinstance(threshold, list):
+        maxima = summary["maximum_probabilities"]
+        findings = [name for name, t in zip(class_names, threshold, strict=True) if maxima[name] >= t]
+        label = ", ".join(findings) or "none"
+        summary |= {"rule": "maximum of each label over instances", "findings": findings}
+        return summary | {"decision": int(class_names[0] in findings), "label": label}
     if threshold is not None:
         top = max(instances, key=lambda r: r["probability"])
         decision = int(decisions(np.array([top["probability"]]), threshold)[0])
