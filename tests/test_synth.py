@@ -131,3 +131,39 @@ class TestConfig:
 
     def test_difficulty_orders_lesions(self):
         assert DIFFICULTIES["hard"].size_scale < DIFFICULTIES["standard"].size_scale < DIFFICULTIES["easy"].size_scale
+
+
+class TestAcquisition:
+    def test_the_scanner_shows_in_pixels_and_header(self, tmp_path):
+        """Padding outside the field of view, spacing and tilt in the header, and the kernel's noise texture."""
+        import datetime as dt
+
+        from edgedx.data.synth import Acquisition, write_slice_dicom
+        from edgedx.guard import Scope
+
+        head = make_head(np.random.default_rng(4))
+        sharp = Acquisition(pixel_spacing_mm=0.5, tilt_deg=15.0, kernel="sharp", padding_hu=-3024.0, streaks=True)
+        soft = Acquisition(pixel_spacing_mm=0.5, tilt_deg=15.0, kernel="soft", padding_hu=-3024.0, streaks=True)
+        images = {
+            k: render_slice(head, [], 0, 6, np.random.default_rng(0), a) for k, a in (("sharp", sharp), ("soft", soft))
+        }
+        image = images["sharp"]
+        assert image.hu[0, 0] == -3024.0 and image.hu[256, 256] > -1000  # corner: outside the reconstruction circle
+        reference = render_slice(head, [], 0, 6, np.random.default_rng(0))
+        assert image.masks["scalp"].sum() < reference.masks["scalp"].sum()  # 0.5 mm pixels: a smaller head
+
+        def neighbour_correlation(hu: np.ndarray, mask: np.ndarray) -> float:
+            inside = np.where(mask[:, :-1] & mask[:, 1:])
+            a, b = hu[:, :-1][inside], hu[:, 1:][inside]
+            return float(np.corrcoef(a - a.mean(), b - b.mean())[0, 1])
+
+        white = images["soft"].masks["white"] & images["sharp"].masks["white"]
+        assert neighbour_correlation(images["soft"].hu, white) > neighbour_correlation(image.hu, white) + 0.3
+        path = tmp_path / "s.dcm"
+        write_slice_dicom(
+            path, image, seed=0, study=0, index=0, patient_id="T", study_date=dt.date(2021, 1, 1), acquisition=sharp
+        )
+        ds = pydicom.dcmread(path)
+        assert float(ds.PixelSpacing[0]) == 0.5 and float(ds.GantryDetectorTilt) == 15.0
+        assert modality_lut(ds.pixel_array, ds.RescaleSlope, ds.RescaleIntercept)[0, 0] == -3024
+        assert Scope.for_training(["CT"], ["HEAD"]).violations(ds) == []  # a 15-degree tilt is still axial

@@ -3,8 +3,12 @@
 Each study is one fake patient: an axial series of 512 x 512 CT slices stored as int16 with
 Rescale Intercept -1024 (stored value = HU + 1024). Anatomy is drawn in Hounsfield units:
 air, scalp, a skull with dense tables and a lighter diploe, a thin extra-axial CSF layer, grey
-matter in a folded cortical ribbon, white matter, sulci and lateral ventricles, plus quantum
-noise. Positive studies carry acute blood (50-90 HU) in one or two of the five RSNA subtypes,
+matter in a folded cortical ribbon, white matter, sulci and lateral ventricles. Each study also
+gets an :class:`Acquisition` as a real scanner would make it: pixel spacing of 0.42-0.55 mm (the
+head's size in pixels varies), gantry tilt up to 20 degrees in 40% of studies, the noise texture of
+a soft, standard or sharp reconstruction kernel, dark beam-hardening streaks across the posterior
+fossa near the skull base, and -1000, -2000, -2048 or -3024 HU outside the circular field of view.
+Positive studies carry acute blood (50-90 HU) in one or two of the five RSNA subtypes,
 spanning a run of slices and thinning towards its ends, which is where the hard cases are.
 
 Everything is drawn from ``numpy.random.default_rng([seed, study])``: the same seed gives the
@@ -26,7 +30,7 @@ from ..errors import ConfigError
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABEL_COLUMNS = ("any", *SUBTYPES)
-GENERATOR_VERSION = 3  # names the default cache folder: bump when the files or the split change
+GENERATOR_VERSION = 4  # names the default cache folder: bump when the files or the split change
 SIZE = 512
 PIXEL_SPACING_MM = 0.45
 SLICE_THICKNESS_MM = 5.0
@@ -127,6 +131,45 @@ class SliceImage:
         return {"any": int(any(present.values())), **present}
 
 
+#: Reconstruction kernels: (binomial smoothing passes on the noise, noise gain). Soft kernels give
+#: blotchy, correlated noise; sharp (bone) kernels fine-grained and stronger noise.
+KERNELS: dict[str, tuple[int, float]] = {"soft": (2, 0.8), "standard": (1, 1.0), "sharp": (0, 1.6)}
+#: What real scanners write outside the circular reconstruction field of view: air, or a padding
+#: value (Toshiba/Canon -2000 and -2048, GE and Siemens -3024).
+PADDING_HU = (-1000.0, -2000.0, -2048.0, -3024.0)
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """What the scanner adds to one study: pixel spacing (so the head's size in pixels), gantry
+    tilt, the reconstruction kernel's noise texture, the padding outside the field of view, and
+    beam-hardening streaks across the posterior fossa near the skull base."""
+
+    pixel_spacing_mm: float = PIXEL_SPACING_MM
+    tilt_deg: float = 0.0
+    kernel: str = "standard"
+    padding_hu: float = -1000.0
+    streaks: bool = False
+
+
+def make_acquisition(rng: np.random.Generator) -> Acquisition:
+    return Acquisition(
+        pixel_spacing_mm=float(rng.uniform(0.42, 0.55)),  # a field of view of 215-280 mm: the head fits
+        tilt_deg=float(rng.uniform(-20, 20)) if rng.random() < 0.4 else 0.0,
+        kernel=str(rng.choice(list(KERNELS))),
+        padding_hu=float(rng.choice(PADDING_HU)),
+        streaks=True,
+    )
+
+
+def _smoothed(noise: np.ndarray, passes: int) -> np.ndarray:
+    """Binomial [1, 2, 1] / 4 smoothing along both axes, ``passes`` times (edges wrap)."""
+    for _ in range(passes):
+        for axis in (0, 1):
+            noise = (np.roll(noise, 1, axis) + 2 * noise + np.roll(noise, -1, axis)) / 4
+    return noise
+
+
 def make_head(rng: np.random.Generator) -> Head:
     a = rng.uniform(150, 180)
     return Head(
@@ -191,14 +234,26 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], cells: int = 16) 
 
 
 def render_slice(
-    head: Head, lesions: list[Lesion], slice_index: int, slices: int, rng: np.random.Generator
+    head: Head,
+    lesions: list[Lesion],
+    slice_index: int,
+    slices: int,
+    rng: np.random.Generator,
+    acquisition: Acquisition = Acquisition(),
 ) -> SliceImage:
-    """Draw one axial slice of ``head`` (0 = lowest of ``slices``) with its lesions, in HU."""
+    """Draw one axial slice of ``head`` (0 = lowest of ``slices``) with its lesions, in HU.
+
+    Geometry is drawn in pixels of the reference spacing (``PIXEL_SPACING_MM``) and scaled to the
+    acquisition's; a tilted gantry cuts the head obliquely, so it looks longer front to back.
+    """
     t = slice_index / max(1, slices - 1)
     level = 1.0 - 0.25 * t**2  # the head narrows towards the vertex
     a, b = head.semi_axes[0] * level, head.semi_axes[1] * level
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
-    dx, dy = xx - head.center[0], yy - head.center[1]
+    zoom = PIXEL_SPACING_MM / acquisition.pixel_spacing_mm
+    middle = (SIZE - 1) / 2
+    dx = (xx - middle) / zoom - (head.center[0] - middle)
+    dy = ((yy - middle) / zoom - (head.center[1] - middle)) * np.float32(np.cos(np.radians(acquisition.tilt_deg)))
     c, s = np.cos(head.rotation), np.sin(head.rotation)
     u, v = c * dx + s * dy, -s * dx + c * dy
     theta = np.arctan2(v / b, u / a)
@@ -278,7 +333,20 @@ def render_slice(
     for lesion in lesions:
         m = masks[lesion.subtype]
         hu[m] = np.clip(lesion.hu + 3 * texture[m], *TISSUE_HU["blood"])
-    noisy = hu + rng.normal(0, head.noise_hu, size=hu.shape).astype(np.float32) * (~masks["air"])
+    if acquisition.streaks and t < 0.3:  # dark beam-hardening streaks between the dense skull-base bones
+        strength = 1.0 - t / 0.3
+        for _ in range(int(rng.integers(2, 5))):
+            px, py = rng.uniform(-0.4, 0.4) * a, rng.uniform(0.1, 0.5) * b
+            angle = rng.uniform(-0.35, 0.35)
+            distance = np.abs((u - px) * np.sin(angle) - (v - py) * np.cos(angle))
+            streak = rng.uniform(15, 45) * strength * np.exp(-((distance / 1.5) ** 2))
+            hu[brain] -= streak[brain]
+    passes, gain = KERNELS[acquisition.kernel]
+    noise = _smoothed(rng.normal(0, 1, size=hu.shape), passes)
+    noise *= head.noise_hu * gain / max(float(noise.std()), 1e-6)
+    noisy = hu + noise.astype(np.float32) * (~masks["air"])
+    outside = (xx - middle) ** 2 + (yy - middle) ** 2 > (SIZE / 2) ** 2  # the circular reconstruction field
+    noisy[outside] = acquisition.padding_hu
     return SliceImage(hu=noisy, masks=masks)
 
 
@@ -297,6 +365,7 @@ def write_slice_dicom(
     index: int,
     patient_id: str,
     study_date: dt.date,
+    acquisition: Acquisition = Acquisition(),
 ) -> str:
     """Write one slice as CT Image Storage (Explicit VR Little Endian); returns its SOPInstanceUID."""
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -333,10 +402,14 @@ def write_slice_dicom(
     ds.InstanceNumber = index + 1
     ds.SliceThickness = SLICE_THICKNESS_MM
     z = SLICE_THICKNESS_MM * index
-    ds.ImagePositionPatient = [-SIZE * PIXEL_SPACING_MM / 2, -SIZE * PIXEL_SPACING_MM / 2, z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    spacing = round(acquisition.pixel_spacing_mm, 6)
+    tilt = np.radians(acquisition.tilt_deg)
+    ds.ImagePositionPatient = [round(-SIZE * spacing / 2, 4), round(-SIZE * spacing / 2, 4), z]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, round(float(np.cos(tilt)), 6), round(float(-np.sin(tilt)), 6)]
+    ds.GantryDetectorTilt = round(acquisition.tilt_deg, 2)
+    ds.ConvolutionKernel = acquisition.kernel.upper()
     ds.SliceLocation = z
-    ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
+    ds.PixelSpacing = [spacing, spacing]
     ds.KVP = 120
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -397,12 +470,13 @@ def synthesize(
         rng = np.random.default_rng([config.seed, study])
         head = make_head(rng)
         lesions = make_lesions(rng, config.slices, difficulty)
+        acquisition = make_acquisition(rng)
         patient_id = f"SYN{config.seed:03d}P{study:05d}"
         date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1800)))
         folder = out / patient_id
         folder.mkdir(exist_ok=True)
         for index in range(config.slices):
-            image = render_slice(head, lesions, index, config.slices, rng)
+            image = render_slice(head, lesions, index, config.slices, rng, acquisition)
             rel = f"{patient_id}/{index:03d}.dcm"
             uid = write_slice_dicom(
                 out / rel,
@@ -412,6 +486,7 @@ def synthesize(
                 index=index,
                 patient_id=patient_id,
                 study_date=date,
+                acquisition=acquisition,
             )
             rows.append(
                 {"file": rel, "SOPInstanceUID": uid, "PatientID": patient_id, "split": splits[study], **image.labels}
