@@ -264,9 +264,11 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> int:
         """Start the workers and queue what a previous run accepted but did not finish; returns that count."""
-        for model in self.models:  # the interpreter's first call is slow; make it now, not on a scan
+        for model in self.models:  # first calls are slow (interpreter, numpy's BLAS pool); make them now
             spec = model.spec
-            model.predict_inputs(np.zeros((1, spec.size, spec.size, spec.channels), np.float32))
+            blank = np.zeros((1, spec.size, spec.size, spec.channels), np.float32)
+            model.predict_inputs(blank)
+            model.ood_scores(blank)
         recovered = self.spool.waiting()
         for path in recovered:
             self.capacity.force_acquire()
