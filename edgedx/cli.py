@@ -141,6 +141,13 @@ def data_synth(
     slices: Annotated[int, typer.Option(help="Axial slices per study.")] = 6,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
     difficulty: Annotated[Difficulty, typer.Option(help="Lesion size and density range.")] = Difficulty.standard,
+    scanner: Annotated[
+        bool,
+        typer.Option(
+            help="Give each study its own scanner: pixel spacing, gantry tilt, kernel noise texture, padding "
+            "outside the field of view, skull-base streaks."
+        ),
+    ] = False,
 ) -> None:
     """Write synthetic head-CT studies with intracranial hemorrhage as real DICOM (no download).
 
@@ -151,7 +158,7 @@ def data_synth(
     from .data import SynthConfig, synthesize
 
     with _user_errors():
-        config = SynthConfig(studies=studies, slices=slices, seed=seed, difficulty=difficulty.value)
+        config = SynthConfig(studies=studies, slices=slices, seed=seed, difficulty=difficulty.value, scanner=scanner)
         with _progress() as report:
             synthesize(out, config, progress=lambda done, total: report("synthesize", done, total))
     summary = json.loads((out / "dataset.json").read_text())

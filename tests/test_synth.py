@@ -167,3 +167,16 @@ class TestAcquisition:
         assert float(ds.PixelSpacing[0]) == 0.5 and float(ds.GantryDetectorTilt) == 15.0
         assert modality_lut(ds.pixel_array, ds.RescaleSlope, ds.RescaleIntercept)[0, 0] == -3024
         assert Scope.for_training(["CT"], ["HEAD"]).violations(ds) == []  # a 15-degree tilt is still axial
+
+    def test_scanner_variation_is_an_option_recorded_with_the_data(self, tmp_path):
+        from edgedx.data import load_dataset, recorded_dataset, synthesize
+
+        plain = synthesize(tmp_path / "plain", SynthConfig(studies=3, slices=1, seed=3))
+        varied = synthesize(tmp_path / "varied", SynthConfig(studies=3, slices=1, seed=3, scanner=True))
+        first = sorted(plain.rglob("*.dcm"))[0].relative_to(plain)
+        a, b = pydicom.dcmread(plain / first), pydicom.dcmread(varied / first)
+        assert float(a.PixelSpacing[0]) == 0.45 and "ConvolutionKernel" not in a
+        assert "ConvolutionKernel" in b and not np.array_equal(a.pixel_array, b.pixel_array)
+        record = load_dataset(varied).summary()
+        assert record["synthetic"]["scanner"] is True
+        assert recorded_dataset(record).synthetic["scanner"] is True

@@ -74,7 +74,9 @@ def default_dataset_dir(config: SynthConfig = DEFAULT_SYNTH) -> Path:
     home = os.environ.get("EDGEDX_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgedx"
     c = config
     split = "" if c.split == DEFAULT_SYNTH.split else "-split" + "-".join(f"{f:g}" for f in c.split)
-    return Path(home) / f"headct-synth-v{GENERATOR_VERSION}-{c.studies}x{c.slices}-seed{c.seed}-{c.difficulty}{split}"
+    scanner = "-scanner" if c.scanner else ""
+    name = f"headct-synth-v{GENERATOR_VERSION}-{c.studies}x{c.slices}-seed{c.seed}-{c.difficulty}{split}{scanner}"
+    return Path(home) / name
 
 
 def default_dataset(
@@ -108,7 +110,7 @@ def recorded_dataset(
                 f"the bundle was trained on synthetic data of generator version {version}; this edgedx makes "
                 f"version {GENERATOR_VERSION}. Give the data with --data"
             )
-        fields = {k: settings[k] for k in ("studies", "slices", "seed", "difficulty") if k in settings}
+        fields = {k: settings[k] for k in ("studies", "slices", "seed", "difficulty", "scanner") if k in settings}
         config = SynthConfig(**fields, split=tuple(settings.get("split", DEFAULT_SYNTH.split)))
         return default_dataset(progress, config, labels)
     source = record.get("source")

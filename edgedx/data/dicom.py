@@ -402,7 +402,7 @@ def _synthetic_settings(folder: Path) -> dict[str, object] | None:
         return None
     if not isinstance(made_by, dict) or made_by.get("generator") != "edgedx.data.synth":
         return None
-    keys = ("generator_version", "studies", "slices", "seed", "difficulty", "split")
+    keys = ("generator_version", "studies", "slices", "seed", "difficulty", "split", "scanner")
     return {k: made_by[k] for k in keys if k in made_by}
 
 

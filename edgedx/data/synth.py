@@ -3,11 +3,14 @@
 Each study is one fake patient: an axial series of 512 x 512 CT slices stored as int16 with
 Rescale Intercept -1024 (stored value = HU + 1024). Anatomy is drawn in Hounsfield units:
 air, scalp, a skull with dense tables and a lighter diploe, a thin extra-axial CSF layer, grey
-matter in a folded cortical ribbon, white matter, sulci and lateral ventricles. Each study also
-gets an :class:`Acquisition` as a real scanner would make it: pixel spacing of 0.42-0.55 mm (the
-head's size in pixels varies), gantry tilt up to 20 degrees in 40% of studies, the noise texture of
-a soft, standard or sharp reconstruction kernel, dark beam-hardening streaks across the posterior
-fossa near the skull base, and -1000, -2000, -2048 or -3024 HU outside the circular field of view.
+matter in a folded cortical ribbon, white matter, sulci and lateral ventricles, plus quantum
+noise. With ``scanner=True`` (``edgedx data synth --scanner``) each study also gets an
+:class:`Acquisition` as a real scanner would make it: pixel spacing of 0.42-0.55 mm (the head's size
+in pixels varies), gantry tilt up to 20 degrees in 40% of studies, the noise texture of a soft,
+standard or sharp reconstruction kernel, dark beam-hardening streaks across the posterior fossa near
+the skull base, and -1000, -2000, -2048 or -3024 HU outside the circular field of view. It is not
+the default yet: it brings real head CT inside the guard's range while the model still misreads
+real anatomy (``benchmarks/README.md``, issue 11).
 Positive studies carry acute blood (50-90 HU) in one or two of the five RSNA subtypes,
 spanning a run of slices and thinning towards its ends, which is where the hard cases are.
 
@@ -30,7 +33,7 @@ from ..errors import ConfigError
 
 SUBTYPES = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 LABEL_COLUMNS = ("any", *SUBTYPES)
-GENERATOR_VERSION = 4  # names the default cache folder: bump when the files or the split change
+GENERATOR_VERSION = 3  # names the default cache folder: bump when the files or the split change
 SIZE = 512
 PIXEL_SPACING_MM = 0.45
 SLICE_THICKNESS_MM = 5.0
@@ -76,6 +79,7 @@ class SynthConfig:
     seed: int = 0
     difficulty: str = "standard"
     split: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    scanner: bool = False  # each study its own Acquisition (spacing, tilt, kernel, padding, streaks)
 
     def __post_init__(self) -> None:
         if self.studies < 3:
@@ -134,6 +138,8 @@ class SliceImage:
 #: Reconstruction kernels: (binomial smoothing passes on the noise, noise gain). Soft kernels give
 #: blotchy, correlated noise; sharp (bone) kernels fine-grained and stronger noise.
 KERNELS: dict[str, tuple[int, float]] = {"soft": (2, 0.8), "standard": (1, 1.0), "sharp": (0, 1.6)}
+#: The default data's noise: white, no kernel texture (what generator version 3 drew).
+WHITE_NOISE = "white"
 #: What real scanners write outside the circular reconstruction field of view: air, or a padding
 #: value (Toshiba/Canon -2000 and -2048, GE and Siemens -3024).
 PADDING_HU = (-1000.0, -2000.0, -2048.0, -3024.0)
@@ -147,7 +153,7 @@ class Acquisition:
 
     pixel_spacing_mm: float = PIXEL_SPACING_MM
     tilt_deg: float = 0.0
-    kernel: str = "standard"
+    kernel: str = WHITE_NOISE
     padding_hu: float = -1000.0
     streaks: bool = False
 
@@ -252,8 +258,8 @@ def render_slice(
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     zoom = PIXEL_SPACING_MM / acquisition.pixel_spacing_mm
     middle = (SIZE - 1) / 2
-    dx = (xx - middle) / zoom - (head.center[0] - middle)
-    dy = ((yy - middle) / zoom - (head.center[1] - middle)) * np.float32(np.cos(np.radians(acquisition.tilt_deg)))
+    dx = middle + (xx - middle) / zoom - head.center[0]  # exactly xx - centre at the reference spacing
+    dy = (middle + (yy - middle) / zoom - head.center[1]) * np.float32(np.cos(np.radians(acquisition.tilt_deg)))
     c, s = np.cos(head.rotation), np.sin(head.rotation)
     u, v = c * dx + s * dy, -s * dx + c * dy
     theta = np.arctan2(v / b, u / a)
@@ -341,9 +347,12 @@ def render_slice(
             distance = np.abs((u - px) * np.sin(angle) - (v - py) * np.cos(angle))
             streak = rng.uniform(15, 45) * strength * np.exp(-((distance / 1.5) ** 2))
             hu[brain] -= streak[brain]
-    passes, gain = KERNELS[acquisition.kernel]
-    noise = _smoothed(rng.normal(0, 1, size=hu.shape), passes)
-    noise *= head.noise_hu * gain / max(float(noise.std()), 1e-6)
+    if acquisition.kernel == WHITE_NOISE:
+        noise = rng.normal(0, head.noise_hu, size=hu.shape)
+    else:
+        passes, gain = KERNELS[acquisition.kernel]
+        noise = _smoothed(rng.normal(0, 1, size=hu.shape), passes)
+        noise *= head.noise_hu * gain / max(float(noise.std()), 1e-6)
     noisy = hu + noise.astype(np.float32) * (~masks["air"])
     outside = (xx - middle) ** 2 + (yy - middle) ** 2 > (SIZE / 2) ** 2  # the circular reconstruction field
     noisy[outside] = acquisition.padding_hu
@@ -405,9 +414,10 @@ def write_slice_dicom(
     spacing = round(acquisition.pixel_spacing_mm, 6)
     tilt = np.radians(acquisition.tilt_deg)
     ds.ImagePositionPatient = [round(-SIZE * spacing / 2, 4), round(-SIZE * spacing / 2, 4), z]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, round(float(np.cos(tilt)), 6), round(float(-np.sin(tilt)), 6)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, round(float(np.cos(tilt)), 6), round(float(-np.sin(tilt)), 6) + 0.0]
     ds.GantryDetectorTilt = round(acquisition.tilt_deg, 2)
-    ds.ConvolutionKernel = acquisition.kernel.upper()
+    if acquisition.kernel != WHITE_NOISE:
+        ds.ConvolutionKernel = acquisition.kernel.upper()
     ds.SliceLocation = z
     ds.PixelSpacing = [spacing, spacing]
     ds.KVP = 120
@@ -470,7 +480,7 @@ def synthesize(
         rng = np.random.default_rng([config.seed, study])
         head = make_head(rng)
         lesions = make_lesions(rng, config.slices, difficulty)
-        acquisition = make_acquisition(rng)
+        acquisition = make_acquisition(rng) if config.scanner else Acquisition()
         patient_id = f"SYN{config.seed:03d}P{study:05d}"
         date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1800)))
         folder = out / patient_id
