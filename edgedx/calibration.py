@@ -71,8 +71,7 @@ class Calibration:
         return _as_threshold(_sigmoid((np.log(t / (1 - t)) - shift) / scale))
 
     def to_dict(self) -> dict[str, Any]:
-        as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-        return {"method": self.method, "scale": as_json(self.scale), "shift": as_json(self.shift)}
+        return {"method": self.method, "scale": _as_json(self.scale), "shift": _as_json(self.shift)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> Calibration:
@@ -85,6 +84,10 @@ class Calibration:
             return cls(str(d["method"]), float(scale), float(shift))
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"malformed calibration {d} ({exc})") from None
+
+
+def _as_json(value: float | tuple[float, ...]) -> float | list[float]:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _as_threshold(values: np.ndarray) -> float | list[float]:
@@ -124,8 +127,8 @@ def fit_to_labels(logits: np.ndarray, labels: np.ndarray) -> Calibration:
             return Calibration()
         return Calibration(
             "platt",
-            tuple(float(f.scale) if f.method != "none" else 1.0 for f in fits),
-            tuple(float(f.shift) if f.method != "none" else 0.0 for f in fits),
+            tuple(float(f.scale) for f in fits),  # a label left uncalibrated keeps scale 1, shift 0
+            tuple(float(f.shift) for f in fits),
         )
     if z.ndim == 1 or z.shape[1] == 1:
         z = z.reshape(-1)
@@ -161,8 +164,7 @@ def fit_to_reference(logits: np.ndarray, reference: np.ndarray) -> Calibration:
     ones; one per label for multi-label (N, L) logits."""
     if np.ndim(logits) == 2 and np.shape(logits)[1] > 1:
         fits = [fit_to_reference(logits[:, i], reference[:, i]) for i in range(np.shape(logits)[1])]
-        scale = tuple(float(f.scale) if f.method != "none" else 1.0 for f in fits)
-        return Calibration("matched", scale, tuple(float(f.shift) if f.method != "none" else 0.0 for f in fits))
+        return Calibration("matched", tuple(float(f.scale) for f in fits), tuple(float(f.shift) for f in fits))
     z = np.asarray(logits, np.float64).reshape(-1)
     r = np.asarray(reference, np.float64).reshape(-1)
     scale, shift = np.polyfit(z, r, 1)

@@ -22,8 +22,8 @@ every distilled, pruned or quantized model made from it.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -187,7 +187,7 @@ class InputGuard:
         return GuardResult(False, score, tuple(reasons))
 
     def with_rates(self, **rates: float) -> InputGuard:
-        return InputGuard(**{**self.__dict__, "rates": {**self.rates, **rates}})
+        return replace(self, rates={**self.rates, **rates})
 
     # -- bundle storage ------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -274,14 +274,9 @@ def fit_guard(
     t2, q = guard.statistics(val)
     level = 1.0 - target_rate / 2
     limits = {"t2_limit": float(np.quantile(t2, level)), "q_limit": float(np.quantile(q, level))}
-    fitted = InputGuard(**{**guard.__dict__, **{k: max(v, 1e-9) for k, v in limits.items()}})
+    fitted = replace(guard, **{k: max(v, 1e-9) for k, v in limits.items()})
     return fitted.with_rates(val=flag_rate(fitted, val))
 
 
 def flag_rate(guard: InputGuard, x: np.ndarray) -> float:
     return float(np.mean(guard.scores(x) > 1.0)) if len(x) else 0.0
-
-
-def body_parts_named(headers: Sequence[Any]) -> list[str]:
-    """The Body Part Examined values a sample of pydicom datasets name (for :meth:`Scope.for_training`)."""
-    return sorted({str(ds.get("BodyPartExamined", "") or "").strip().upper() for ds in headers} - {""})

@@ -14,7 +14,7 @@ from .dataset import SPLITS, Dataset, PreparedSplit, Split, prepare_split
 from .dicom import RSNA_LABELS, image_from_dataset, read_dataset, read_image, read_study_folder
 from .folder import read_image_folder
 from .medmnist import read_medmnist
-from .synth import GENERATOR_VERSION, SynthConfig, synthesize
+from .synth import GENERATOR_VERSION, SynthConfig, config_from_record, synthesize
 
 __all__ = [
     "RSNA_LABELS",
@@ -110,9 +110,7 @@ def recorded_dataset(
                 f"the bundle was trained on synthetic data of generator version {version}; this edgedx makes "
                 f"version {GENERATOR_VERSION}. Give the data with --data"
             )
-        fields = {k: settings[k] for k in ("studies", "slices", "seed", "difficulty", "scanner") if k in settings}
-        config = SynthConfig(**fields, split=tuple(settings.get("split", DEFAULT_SYNTH.split)))
-        return default_dataset(progress, config, labels)
+        return default_dataset(progress, config_from_record(settings), labels)
     source = record.get("source")
     if not source or not Path(source).exists():
         raise DataError(

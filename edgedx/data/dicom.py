@@ -21,9 +21,10 @@ from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, RLELossless
 
-from ..errors import DicomError, LabelError
+from ..errors import ConfigError, DicomError, LabelError
 from ..preprocess import modality_lut
 from .dataset import SPLITS, Dataset, Split
+from .synth import config_from_record, recorded_settings
 
 #: Largest image side accepted; protects memory from absurd declared dimensions.
 MAX_SIDE = 4096
@@ -402,8 +403,11 @@ def _synthetic_settings(folder: Path) -> dict[str, object] | None:
         return None
     if not isinstance(made_by, dict) or made_by.get("generator") != "edgedx.data.synth":
         return None
-    keys = ("generator_version", "studies", "slices", "seed", "difficulty", "split", "scanner")
-    return {k: made_by[k] for k in keys if k in made_by}
+    try:
+        config = config_from_record(made_by)
+    except (TypeError, ConfigError):
+        return None  # a hand-edited dataset.json: the folder is read as ordinary DICOM data
+    return {**recorded_settings(config), "generator_version": made_by.get("generator_version")}
 
 
 def read_study_folder(

@@ -24,7 +24,7 @@ import csv
 import datetime as dt
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -439,6 +439,20 @@ def write_slice_dicom(
     return sop_uid
 
 
+def config_from_record(record: dict[str, object]) -> SynthConfig:
+    """The :class:`SynthConfig` a ``dataset.json`` (or a manifest's ``data.synthetic``) records."""
+    known = {f.name for f in fields(SynthConfig)}
+    values = {k: v for k, v in record.items() if k in known}
+    if "split" in values:
+        values["split"] = tuple(values["split"])
+    return SynthConfig(**values)
+
+
+def recorded_settings(config: SynthConfig) -> dict[str, object]:
+    """What a manifest records of synthetic data: the generator version and every setting."""
+    return {"generator_version": GENERATOR_VERSION, **asdict(config)}
+
+
 def study_split(config: SynthConfig) -> list[str]:
     """Split name of each study: a seeded shuffle of patients cut in the configured fractions."""
     order = np.random.default_rng([config.seed, 10**6]).permutation(config.studies)
@@ -512,8 +526,7 @@ def synthesize(
         json.dumps(
             {
                 "generator": "edgedx.data.synth",
-                "generator_version": GENERATOR_VERSION,
-                **asdict(config),
+                **recorded_settings(config),
                 "slices_written": len(rows),
                 "positive_slices": sum(r["any"] for r in rows),
             },

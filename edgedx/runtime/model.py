@@ -268,7 +268,15 @@ class Model:
         elif isinstance(source, Dataset):
             out_of_scope = self.scope.violations(source)
             if out_of_scope:
-                return Prediction(None, None, None, self.threshold, False, None, tuple(out_of_scope), timings)
+                return Prediction(
+                    probabilities=None,
+                    decision=None,
+                    label=None,
+                    threshold=self.threshold,
+                    in_distribution=False,
+                    ood_reasons=tuple(out_of_scope),
+                    timings_ms=timings,
+                )
             image = image_from_dataset(source, name=name or "dataset")
             lap("decode")
             model_input = to_model_input(image, self.spec)

@@ -227,7 +227,10 @@ class Daemon:
         model = self.models[0]
         self.role, self.threshold = model.role, model.threshold
         self.class_names = model.class_names
-        self.binary = isinstance(model.threshold, float) and len(model.class_names) == 2
+        # one threshold and two classes; a multi-label model has a list of thresholds, multi-class none
+        self.binary = (
+            model.threshold is not None and not isinstance(model.threshold, list) and len(model.class_names) == 2
+        )
         self.model_record = {
             "name": bundle.name,
             "role": model.role,
