@@ -13,7 +13,7 @@ from edgedx.calibration import (
     fit_to_reference,
     recalibrate,
 )
-from edgedx.errors import BundleError
+from edgedx.errors import BundleError, DataError
 from edgedx.guard import InputGuard, Scope, fit_guard, flag_rate, input_features
 
 
@@ -119,3 +119,29 @@ def test_temperature_scaling_for_multiclass_and_matching_a_float_model():
     assert matched.method == "matched" and np.median(np.abs(matched.apply(int8) - logits[:, 0])) < 0.02
     with pytest.raises(BundleError):
         Calibration("platt", -1.0, 0.0)
+
+
+def test_bench_ood_report_says_what_the_deployed_model_makes_of_each_file(tiny_headct, tmp_path):
+    """`edgedx bench --ood`: a slice of the model's kind, one out of its scope, and a file that is not DICOM."""
+    from pathlib import Path
+
+    from edgedx.bench._bench import ood_report
+    from edgedx.bundle import read_bundle
+
+    shipped = read_bundle(Path(__file__).resolve().parents[1] / "models" / "headct-ich-int8")
+    folder = tmp_path / "other"
+    folder.mkdir()
+    head = pydicom.dcmread(next(tiny_headct.rglob("*.dcm")))
+    head.save_as(folder / "head.dcm")
+    head.Modality = "MR"
+    head.save_as(folder / "mr.dcm")
+    (folder / "notes.txt").write_text("not an image")
+    report = ood_report(shipped, folder)
+    rows = {row["file"]: row for row in report["files"]}
+    assert rows["mr.dcm"]["status"] == "out_of_distribution" and rows["mr.dcm"]["why"].startswith("modality MR")
+    assert rows["notes.txt"]["status"] == "unreadable" and "not a DICOM file" in rows["notes.txt"]["why"]
+    assert rows["head.dcm"]["status"] in ("positive", "negative", "out_of_distribution")
+    assert "probability" in rows["head.dcm"] and "probability" not in rows["mr.dcm"]
+    assert report["flagged"] + report["classified"] + report["unreadable"] == 3 and report["unreadable"] == 1
+    with pytest.raises(DataError, match="not a folder"):
+        ood_report(shipped, folder / "notes.txt")
