@@ -71,7 +71,7 @@ def main() -> None:
     model = keras.models.load_model(bundle.model_path("keras"), compile=False)
     calibration = representative_samples(prepared.x["train"], 200, seed=0)  # as compress calibrates
     float_scores = {s: predict_scores(model, prepared.x[s], activation) for s in ("val", "test")}
-    float_stage = _Stage("float", model, bundle.threshold, float_scores, {})
+    float_stage = _Stage(name="float", keras_model=model, threshold=bundle.threshold, scores=float_scores, arch={})
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

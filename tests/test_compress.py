@@ -154,24 +154,62 @@ def test_sparsity_survives_qat(parent, tmp_path):
     assert 0 <= float(prediction.probabilities) <= 1
 
 
-def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
-    """An int8 model that lost its accuracy is retried with QAT, then refused with both figures."""
+def _shuffled_int8(monkeypatch):
+    """int8 conversion that first shuffles every kernel's values: same graph and ranges, no learned features."""
     from edgedx.compress import quantize
 
     real_convert = quantize.convert
     rng = np.random.default_rng(0)
 
-    def broken_int8(model, mode, calibration=None, **options):
-        if mode == "int8":  # shuffle every kernel's values: same graph and ranges, no learned features
+    def broken_int8(model, precision, calibration=None, **options):
+        if precision == "int8":
             model.set_weights(
                 [rng.permutation(w.ravel()).reshape(w.shape) if w.ndim > 1 else w for w in model.get_weights()]
             )
-        return real_convert(model, mode, calibration, **options)
+        return real_convert(model, precision, calibration, **options)
 
     monkeypatch.setattr(quantize, "convert", broken_int8)
-    with pytest.raises(CompressionRefused, match=r"int8 loses 0\.\d+ validation AUC .* \(1\.0000 -> 0\.\d+\)"):
+
+
+def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
+    """A pipeline that lost its accuracy against the parent (here int8, even after its QAT retry) is
+    refused with the figures and a table of what each step cost."""
+    _shuffled_int8(monkeypatch)
+    pattern = r"loses 0\.\d+ validation AUC \(1\.0000 -> 0\.\d+; limit --max-auc-drop 0\.01\) against parent"
+    with pytest.raises(CompressionRefused, match=pattern) as refused:
         compress(parent.path, tmp_path / "refused", CompressConfig(quantize="int8", qat_epochs=1))
+    table = str(refused.value).splitlines()
+    assert table[1].split()[:3] == ["step", "val", "AUC"] and table[2].startswith("parent ")
+    assert table[3].startswith("quantize-int8 ") and "--accept-loss" in table[-1]
     assert not (tmp_path / "refused").exists()
+
+
+def test_accept_loss_writes_the_bundle_and_the_manifest_says_so(parent, tmp_path, monkeypatch):
+    _shuffled_int8(monkeypatch)
+    config = CompressConfig(quantize="int8", qat_epochs=1, accept_loss=True)
+    loss = compress(parent.path, tmp_path / "lossy", config).bundle.manifest["compression"]["loss_against_parent"]
+    assert loss["val_auc_drop"] > 0.01 and not loss["within_limits"] and loss["loss_accepted"]
+    assert loss["parent"] == "parent" and loss["max_auc_drop"] == 0.01
+
+
+def test_guard_holds_sensitivity_apart_from_auc():
+    """A step that keeps the AUC but loses sensitivity is refused on sensitivity alone."""
+    from types import SimpleNamespace
+
+    from edgedx.compress._pipeline import _loss_against_parent
+
+    def row(step, auc, sensitivity):
+        figures = {"auc": auc, "sensitivity": sensitivity}
+        return {"step": step, "val": figures, "test": figures, "nonzero_parameters": 10}
+
+    run = SimpleNamespace(config=CompressConfig(quantize="int8"), parent=SimpleNamespace(name="teacher"))
+    rows = [row("parent", 0.95, 0.90), row("prune", 0.945, 0.85)]
+    with pytest.raises(CompressionRefused, match=r"0\.0500 validation sensitivity \(0\.9000 -> 0\.8500"):
+        _loss_against_parent(run, rows)
+    run.config = CompressConfig(quantize="int8", max_sensitivity_drop=0.05)
+    record = _loss_against_parent(run, rows)
+    assert record["within_limits"] and not record["loss_accepted"]
+    assert record["val_auc_drop"] == pytest.approx(0.005) and record["test_sensitivity_drop"] == pytest.approx(0.05)
 
 
 def test_int8_keeping_the_first_op_float(parent):
@@ -212,21 +250,22 @@ def _ruinous_full_int8(monkeypatch):
 
     real_convert = quantize.convert
 
-    def convert(model, mode, calibration=None, **options):
+    def convert(model, precision, calibration=None, **options):
         rng = np.random.default_rng(0)
-        if mode != "int8":
-            return real_convert(model, mode, calibration, **options)
+        if precision != "int8":
+            return real_convert(model, precision, calibration, **options)
         damaged = keras.models.clone_model(model)
         shuffled = [rng.permutation(w.ravel()).reshape(w.shape) if w.ndim > 1 else w for w in model.get_weights()]
         damaged.set_weights(shuffled)
-        return real_convert(damaged, mode, calibration, **options)
+        return real_convert(damaged, precision, calibration, **options)
 
     monkeypatch.setattr(quantize, "convert", convert)
 
 
 def test_int8_flipping_too_many_decisions_keeps_its_first_ops_float(parent, tmp_path, monkeypatch):
     _ruinous_full_int8(monkeypatch)
-    config = CompressConfig(quantize="int8", max_flips=0.1, max_auc_drop=0.99)  # flips decide, not the AUC guard
+    # flips decide here, not the accuracy guard
+    config = CompressConfig(quantize="int8", max_flips=0.1, max_auc_drop=0.99, max_sensitivity_drop=1.0)
     result = compress(parent.path, tmp_path / "mixed", config)
     record = result.bundle.manifest["models"]["tflite-int8"]
     assert len(record["float_ops"]) >= 1 and record["input"]["dtype"] == "int8"
@@ -309,12 +348,12 @@ def test_quantized_threshold_keeps_the_float_operating_point():
 
     rng = np.random.default_rng(0)
     float_val = rng.random(400)
-    stage = _Stage("prune", None, 0.5, {"val": float_val, "test": float_val}, {})
+    stage = _Stage(name="prune", keras_model=None, threshold=0.5, scores={"val": float_val, "test": float_val}, arch={})
     shifted = float_val * 0.8 + 0.05  # a quantized model whose scores all moved down a little
     threshold = _matching_threshold(shifted, stage)
     assert abs(threshold - 0.45) < 0.01
     assert np.array_equal(shifted >= threshold, float_val >= 0.5)
-    multiclass = _Stage("prune", None, None, {"val": rng.random((10, 3))}, {})
+    multiclass = _Stage(name="prune", keras_model=None, threshold=None, scores={"val": rng.random((10, 3))}, arch={})
     assert _matching_threshold(rng.random((10, 3)), multiclass) is None
 
 

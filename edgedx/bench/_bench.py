@@ -22,9 +22,10 @@ from ..data import recorded_dataset
 from ..devices import load_profile, parse_profile
 from ..errors import BundleError, ConfigError, DataError
 from ..outputs import decisions
+from ..precision import KERAS_ROLE, deployed_role, report_order
 from ..preprocess import to_model_inputs
 from ..runtime.probe import run_probe
-from ._report import PRECISIONS, BenchResult, machine, summarize, write_report
+from ._report import BenchResult, machine, summarize, write_report
 
 RUNTIME_PROBE = "edgedx.runtime.probe"
 KERAS_PROBE = "edgedx.bench.keras_probe"
@@ -37,8 +38,7 @@ def _threshold(bundle: Bundle, role: str) -> float | None:
 
 
 def _deploy_role(bundle: Bundle) -> str | None:
-    tflite = [r for r in PRECISIONS if r.startswith("tflite") and r in bundle.manifest["models"]]
-    return bundle.manifest.get("deploy") or (tflite[-1] if tflite else None)
+    return deployed_role(bundle.manifest["models"], bundle.manifest.get("deploy"))
 
 
 def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]]:
@@ -48,8 +48,8 @@ def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]
         names = [f"{b.name}#{i + 1}" for i, b in enumerate(bundles)]
     plan = []
     for name, b in zip(names, bundles, strict=True):
-        for role in PRECISIONS:
-            if role not in b.manifest["models"] or (role == "keras" and not include_keras):
+        for role in report_order(b.manifest["models"]):
+            if role == KERAS_ROLE and not include_keras:
                 continue
             plan.append(
                 {

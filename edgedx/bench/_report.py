@@ -18,22 +18,8 @@ from .. import metrics as clinical
 from ..calibration import reliability
 from ..devices import DeviceProfile
 from ..outputs import decisions
+from ..precision import precision_label
 from ..runtime.probe import summarize_latency
-
-PRECISIONS = {
-    "keras": "float32 (Keras)",
-    "tflite-float32": "float32",
-    "tflite-float16": "float16",
-    "tflite-dynamic": "dynamic-range int8",
-    "tflite-int8": "full int8",
-}
-
-
-def precision_label(role: str, float_ops: int = 0) -> str:
-    """How a report names a model's precision; int8 with ops kept in float is not full int8."""
-    if role == "tflite-int8" and float_ops:
-        return f"int8, first {float_ops} op{'s' if float_ops > 1 else ''} float"
-    return PRECISIONS.get(role, role)
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-
-QUANTIZATIONS = ("int8", "float16", "dynamic", "float32")
+from ..precision import PRECISIONS
 
 
 @dataclass(frozen=True)
 class TFLiteModel:
     """A converted model: its bytes and the input/output tensor records the manifest stores."""
 
-    mode: str
+    precision: str  # a name in edgedx.precision.PRECISIONS
     content: bytes
     input: dict[str, Any]
     output: dict[str, Any]
@@ -40,7 +39,7 @@ def _tensor_record(details: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _describe(mode: str, content: bytes, sparse: bool = False, float_ops: tuple[str, ...] = ()) -> TFLiteModel:
+def _describe(precision: str, content: bytes, sparse: bool = False, float_ops: tuple[str, ...] = ()) -> TFLiteModel:
     from ..runtime import load_backend
 
     with tempfile.TemporaryDirectory() as tmp:  # the interpreter wants a path
@@ -48,7 +47,7 @@ def _describe(mode: str, content: bytes, sparse: bool = False, float_ops: tuple[
         path.write_bytes(content)
         interpreter = load_backend().create(str(path), 1)
         return TFLiteModel(
-            mode,
+            precision,
             content,
             _tensor_record(interpreter.get_input_details()[0]),
             _tensor_record(interpreter.get_output_details()[0]),
@@ -65,12 +64,12 @@ def representative_samples(x: np.ndarray, count: int, seed: int) -> np.ndarray:
     return x[rng.choice(len(x), size=min(count, len(x)), replace=False)]
 
 
-def convert(model, mode: str, calibration: np.ndarray | None = None, *, sparse: bool = False) -> TFLiteModel:
+def convert(model, precision: str, calibration: np.ndarray | None = None, *, sparse: bool = False) -> TFLiteModel:
     """Convert a float Keras model (or a QAT model, for ``int8``) to TFLite.
 
     Args:
         model: A tf_keras model with a fixed input shape.
-        mode: ``float32``; ``float16`` (weights stored as float16); ``dynamic`` (int8 weights,
+        precision: ``float32``; ``float16`` (weights stored as float16); ``dynamic`` (int8 weights,
             float activations); ``int8`` (int8 weights per channel, int8 activations, int8 input
             and output; needs ``calibration`` unless the model was trained quantization-aware).
         calibration: Preprocessed training inputs (N, S, S, C) for the int8 ranges.
@@ -82,12 +81,12 @@ def convert(model, mode: str, calibration: np.ndarray | None = None, *, sparse: 
     """
     from .._tf import tf
 
-    if mode not in QUANTIZATIONS:
-        raise ConfigError(f"unknown quantization {mode!r}; choose from {', '.join(QUANTIZATIONS)}")
-    converter = _converter(model, mode, calibration)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    converter = _converter(model, precision, calibration)
     if sparse:
         converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    return _describe(mode, converter.convert(), sparse)
+    return _describe(precision, converter.convert(), sparse)
 
 
 def _calibration_samples(calibration: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
@@ -98,16 +97,16 @@ def _calibration_samples(calibration: np.ndarray) -> Callable[[], Iterator[list[
     return samples
 
 
-def _converter(model, mode: str, calibration: np.ndarray | None):
+def _converter(model, precision: str, calibration: np.ndarray | None):
     from .._tf import tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    if mode == "float16":
+    if precision == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
-    elif mode == "dynamic":
+    elif precision == "dynamic":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif mode == "int8":
+    elif precision == "int8":
         if calibration is None or not len(calibration):
             raise ConfigError("full-integer int8 needs calibration inputs from the training data")
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -20,10 +20,9 @@ from ..data.dicom import image_from_dataset, read_dataset
 from ..errors import BundleError, DataError
 from ..guard import GuardResult, Scope
 from ..outputs import decisions, probabilities
+from ..precision import deployed_role, precision_of_role
 from ..preprocess import PreprocessSpec, to_model_input
 from ._backends import Backend, load_backend
-
-TFLITE_ROLES = ("tflite-int8", "tflite-dynamic", "tflite-float16", "tflite-float32")
 
 
 @dataclass(frozen=True)
@@ -202,14 +201,14 @@ class Model:
         b = read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
         models = b.manifest["models"]
         if role is None:
-            role = b.manifest.get("deploy") or next((r for r in TFLITE_ROLES if r in models), None)
+            role = deployed_role(models, b.manifest.get("deploy"))
             if role is None:
                 raise BundleError(
                     f"{b.path}: no TFLite model in this bundle (it has {', '.join(models)}); "
                     "make one with `edgedx compress`"
                 )
-        if role not in models or not role.startswith("tflite"):
-            tflite = [r for r in models if r.startswith("tflite")]
+        if role not in models or precision_of_role(role) is None:
+            tflite = [r for r in models if precision_of_role(r)]
             raise BundleError(f"{b.path}: no {role!r} TFLite model; it has {', '.join(tflite) or 'none'}")
         record = models[role]
         runner = TFLiteRunner(
