@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -22,6 +23,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import ConfigError, DependencyError, EdgedxError
+from .precision import QUANTIZE_CHOICES
 
 app = typer.Typer(
     help="Put medical-imaging CNNs onto scanner-side hardware: data, train, compress, bench, serve.",
@@ -87,6 +89,26 @@ def _user_errors():
     raise typer.Exit(code=1)
 
 
+def _print_table(table: Table, on: Console = console) -> None:
+    """Print a table with every figure whole: as wide as its content needs, past the terminal's width
+    or a log file's 80 columns if it must, instead of cutting cells to "0.9…"."""
+    needed = on.measure(table, options=on.options.update_width(10_000)).maximum
+    width = on.width
+    on.width = max(width, needed)  # print() itself never goes wider than the console
+    try:
+        on.print(table, crop=False)
+    finally:
+        on.width = width
+
+
+def _print_epoch(epoch: int, row: dict[str, float]) -> None:
+    """A line per training epoch on stderr, so a log file shows progress where no bar is drawn."""
+    err_console.print(
+        f"epoch {epoch:3d}  loss {row['loss']:.4f}  val AUC {row['val_auc']:.4f}  {row['seconds']:.1f}s",
+        highlight=False,
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4f}"
@@ -130,8 +152,13 @@ def main_options(
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Also show TensorFlow's own C++ log lines (hidden by default).")
+    ] = False,
 ) -> None:
     """edgedx: from medical images to a scanner-side device."""
+    if verbose:
+        os.environ["EDGEDX_TF_LOGS"] = "1"  # read by edgedx._tf, before TensorFlow is imported
 
 
 @data_app.command("synth")
@@ -188,7 +215,7 @@ def data_info(
         table.add_column(name, justify="right")
     for split, row in summary["splits"].items():
         table.add_row(split, str(row["images"]), *map(str, row["per_class"]))
-    console.print(table)
+    _print_table(table)
 
 
 @app.command("models")
@@ -214,7 +241,7 @@ def models_list(
         table.add_column(col, justify="left" if col == "arch" else "right")
     for row in rows:
         table.add_row(row["arch"], f"{row['parameters']:,}", f"{row['macs'] / 1e6:.1f}")
-    console.print(table)
+    _print_table(table)
 
 
 @app.command("train")
@@ -307,14 +334,7 @@ def train_command(
                 )
             )
 
-            def on_epoch(epoch: int, row: dict[str, float]) -> None:
-                if not as_json:
-                    err_console.print(
-                        f"epoch {epoch:3d}  loss {row['loss']:.4f}  val AUC {row['val_auc']:.4f}  "
-                        f"{row['seconds']:.1f}s",
-                        highlight=False,
-                    )
-
+            on_epoch = None if as_json else _print_epoch
             result = train(dataset, out, config, init=init, progress=report, on_epoch=on_epoch, overwrite=overwrite)
     if as_json:
         console.print_json(
@@ -326,7 +346,7 @@ def train_command(
             }
         )
         return
-    console.print(_metrics_table(f"{result.bundle.name}: {arch} on {dataset.name}", result.metrics))
+    _print_table(_metrics_table(f"{result.bundle.name}: {arch} on {dataset.name}", result.metrics))
     console.print(
         f"bundle written to {result.bundle.path} in {result.seconds:.0f}s (threshold {_fmt(result.bundle.threshold)})"
     )
@@ -371,16 +391,11 @@ def info_command(
     for role, rec in m["models"].items():
         console.print(f"model       {role}: {rec['file']} {rec['bytes']:,} bytes sha256 {rec['sha256'][:16]}")
     if m.get("metrics"):
-        console.print(_metrics_table("metrics", m["metrics"]))
+        _print_table(_metrics_table("metrics", m["metrics"]))
     console.print("checksums   all files match the manifest")
 
 
-class Quantization(str, Enum):
-    int8 = "int8"
-    float16 = "float16"
-    dynamic = "dynamic"
-    auto = "auto"
-    none = "none"
+Quantization = Enum("Quantization", {choice: choice for choice in QUANTIZE_CHOICES}, type=str)
 
 
 class PruneStructure(str, Enum):
@@ -466,8 +481,22 @@ def compress_command(
         bool, typer.Option("--qat", help="Quantization-aware training instead of post-training int8.")
     ] = False,
     max_auc_drop: Annotated[
-        float, typer.Option(help="Refuse int8 (after a QAT retry) if it loses more validation AUC than this.")
+        float,
+        typer.Option(
+            help="Refuse the result if it loses more validation AUC than this against BUNDLE (and retry int8 "
+            "that loses more than this against its float model with QAT first)."
+        ),
     ] = 0.01,
+    max_sensitivity_drop: Annotated[
+        float, typer.Option(help="Refuse the result if it loses more validation sensitivity than this against BUNDLE.")
+    ] = 0.02,
+    accept_loss: Annotated[
+        bool,
+        typer.Option(
+            "--accept-loss",
+            help="Write the bundle even when it loses more than allowed; the manifest records the loss.",
+        ),
+    ] = False,
     max_flips: Annotated[
         float,
         typer.Option(
@@ -512,19 +541,48 @@ def compress_command(
             device=device,
             qat=qat,
             max_auc_drop=max_auc_drop,
+            max_sensitivity_drop=max_sensitivity_drop,
+            accept_loss=accept_loss,
             max_flips=max_flips,
             integer_only=integer_only,
             seed=seed,
         )
+
+        def on_step(row: dict[str, Any]) -> None:
+            if not as_json:
+                err_console.print(
+                    f"step {row['step']}: val AUC {row['val']['auc']:.4f}, val sensitivity "
+                    f"{row['val']['sensitivity']:.4f}, {row['nonzero_parameters']:,} non-zero parameters, "
+                    f"{row['bytes']:,} B, {row['seconds']:.0f}s",
+                    highlight=False,
+                )
+
         with _progress() as report:
-            result = compress(bundle, out, config, data=data, progress=report, overwrite=overwrite)
+            result = compress(
+                bundle,
+                out,
+                config,
+                data=data,
+                progress=report,
+                on_epoch=None if as_json else _print_epoch,
+                on_step=on_step,
+                overwrite=overwrite,
+            )
     if as_json:
         console.print_json(data={"bundle": str(result.bundle.path), "steps": result.steps})
         return
-    console.print(_steps_table(f"{bundle.name} -> {result.bundle.name}", result.steps))
+    _print_table(_steps_table(f"{bundle.name} -> {result.bundle.name}", result.steps))
     for row in result.steps:
         for note in row["notes"]:
             console.print(f"  {row['step']}: {note}", highlight=False)
+    loss = result.bundle.manifest["compression"]["loss_against_parent"]
+    verdict = "within" if loss["within_limits"] else "MORE than allowed, written because of --accept-loss:"
+    console.print(
+        f"against {bundle.name} on validation data: AUC {-loss['val_auc_drop']:+.4f}, sensitivity "
+        f"{-loss['val_sensitivity_drop']:+.4f} ({verdict} --max-auc-drop {loss['max_auc_drop']}, "
+        f"--max-sensitivity-drop {loss['max_sensitivity_drop']})",
+        highlight=False,
+    )
     console.print(
         f"bundle written to {result.bundle.path} in {result.seconds:.0f}s (deploys {result.bundle.manifest['deploy']})"
     )
@@ -619,7 +677,7 @@ def bench_command(
             }
         )
     else:
-        console.print(_bench_table(result))
+        _print_table(_bench_table(result))
         for note in result.notes:
             console.print(f"  {note}", highlight=False)
         for entry in result.ood or []:
@@ -780,7 +838,7 @@ def serve_command(
         table.add_row("results", escape(str(out)))
         if service.recovered:
             table.add_row("recovered", f"{service.recovered} accepted inputs from the spool")
-        err_console.print(table)
+        _print_table(table, on=err_console)
         try:
             service.wait()
         finally:

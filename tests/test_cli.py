@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 from conftest import needs_tf
@@ -123,3 +125,43 @@ def test_missing_train_extra_is_explained(tmp_path):
     assert run.returncode == 1
     assert "DependencyError: this command needs the [train] extra" in run.stderr
     assert "pip install 'edgedx[train]'" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_tables_keep_every_figure_whole_in_a_narrow_log():
+    """Off a terminal (a log file, CI) at 50 columns, `edgedx info` prints each metric whole, not "0.9…"."""
+    import subprocess
+    import sys
+
+    bundle = Path(__file__).parents[1] / "models" / "headct-ich-int8"
+    env = {**os.environ, "COLUMNS": "50"}
+    run = subprocess.run([sys.executable, "-m", "edgedx", "info", str(bundle)], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    test = json.loads((bundle / "manifest.json").read_text())["metrics"]["test"]
+    low, high = test["auc_ci95"]
+    row = next(line for line in run.stdout.splitlines() if line.startswith("│ test"))
+    assert f"{test['auc']:.4f}" in row and f"{low:.3f}-{high:.3f}" in row and f"{test['npv']:.4f}" in row
+    assert "…" not in run.stdout
+
+
+@pytest.mark.tf
+@needs_tf
+def test_tensorflow_c_logs_are_silent_unless_asked_for(tmp_path):
+    """TensorFlow's C++ libraries log at load and while training (oneDNN, CUDA stubs, cuInit on a
+    CPU-only box); the CLI shows none of it unless EDGEDX_TF_LOGS=1."""
+    import subprocess
+    import sys
+
+    code = (
+        "from edgedx._tf import keras, tf; import numpy as np; "
+        "m = keras.Sequential([keras.layers.Dense(1, input_shape=(2,))]); m.compile('adam', 'mse'); "
+        "ds = tf.data.Dataset.from_tensor_slices((np.ones((4, 2)), np.ones(4))).map(lambda a, b: (a, b), "
+        "num_parallel_calls=tf.data.AUTOTUNE).batch(2); m.fit(ds, verbose=0); print('trained')"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "EDGEDX_TF_LOGS")}
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "trained", quiet.stderr
+    assert quiet.stderr == ""
+    loud = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "EDGEDX_TF_LOGS": "1"}, cwd=tmp_path
+    )
+    assert loud.returncode == 0 and "I0000" in loud.stderr  # the same run, with TensorFlow's own lines
