@@ -16,6 +16,9 @@ class Precision:
     role: str
     label: str
     needs_calibration_data: bool = False  # int8 activations need representative inputs
+    # whether a pruned model can be stored in TFLite's sparse tensor encoding: LiteRT's XNNPACK
+    # delegate fails to prepare dynamic-range convolutions stored that way ("failed to delegate CONV_2D")
+    sparse_encoding: bool = True
 
 
 #: Smallest first: the order the runtime falls back in when a bundle names no deployed model.
@@ -23,7 +26,7 @@ PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
         Precision("int8", "tflite-int8", "full int8", needs_calibration_data=True),
-        Precision("dynamic", "tflite-dynamic", "dynamic-range int8"),
+        Precision("dynamic", "tflite-dynamic", "dynamic-range int8", sparse_encoding=False),
         Precision("float16", "tflite-float16", "float16"),
         Precision("float32", "tflite-float32", "float32"),
     )

@@ -77,13 +77,15 @@ def convert(model, precision: str, calibration: np.ndarray | None = None, *, spa
             file shrinks with the zeros instead of storing them. On the pruned PneumoniaMNIST
             student it took int8 from 104,632 B to 79,904 B and float32 from 339,652 B to
             126,028 B at the same test AUC. Speed varies: that student ran 2.2-2.8x faster at one
-            thread, the head-CT bundle at two threads no faster (benchmarks/README.md).
+            thread, the head-CT bundle at two threads no faster (benchmarks/README.md). Ignored
+            for precisions the runtime cannot run so stored (dynamic range): they stay dense.
     """
     from .._tf import tf
 
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
     converter = _converter(model, precision, calibration)
+    sparse = sparse and PRECISIONS[precision].sparse_encoding
     if sparse:
         converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     return _describe(precision, converter.convert(), sparse)
