@@ -443,6 +443,27 @@ def _steps_table(title: str, steps: list[dict[str, Any]]) -> Table:
     return table
 
 
+def _search_table(search: dict[str, Any]) -> Table:
+    table = Table(title=f"--target-kb {search['target_kb']:g}: candidates (* kept)")
+    for header in ("", "width", "sparsity", "non-zero", "KB", "val AUC", "val sens", "test AUC", "fits", "limits", "s"):
+        table.add_column(header, justify="right")
+    for i, row in enumerate(search["candidates"]):
+        table.add_row(
+            "*" if i == search["chosen"] else "",
+            f"{row['width']:g}",
+            f"{row['sparsity']:.0%}",
+            f"{row['nonzero_parameters']:,}",
+            f"{row['bytes'] / 1024:.1f}",
+            _fmt(row["val_auc"]),
+            _fmt(row["val_sensitivity"]),
+            _fmt(row["test_auc"]),
+            "yes" if row["within_budget"] else "no",
+            "yes" if row["within_limits"] else "no",
+            f"{row['seconds']:.0f}",
+        )
+    return table
+
+
 @app.command("compress")
 def compress_command(
     bundle: Annotated[Path, typer.Argument(help="A bundle written by `edgedx train`.")],
@@ -477,6 +498,15 @@ def compress_command(
     device: Annotated[
         str | None, typer.Option(help="Device profile that --quantize auto measures the candidates on.")
     ] = None,
+    target_kb: Annotated[
+        float | None,
+        typer.Option(
+            help="With --distill --quantize int8: size student widths and sparsities to fit an int8 file of this "
+            "many KB, train the few that fit and keep the most accurate (frontier table and frontier.png in the "
+            "bundle). Overrides --width, --prune and --sparsity."
+        ),
+    ] = None,
+    search_candidates: Annotated[int, typer.Option(help="--target-kb: how many candidates to train.")] = 3,
     qat: Annotated[
         bool, typer.Option("--qat", help="Quantization-aware training instead of post-training int8.")
     ] = False,
@@ -539,6 +569,8 @@ def compress_command(
             prune_with_teacher=prune_with_teacher,
             quantize=quantize.value,
             device=device,
+            target_kb=target_kb,
+            search_candidates=search_candidates,
             qat=qat,
             max_auc_drop=max_auc_drop,
             max_sensitivity_drop=max_sensitivity_drop,
@@ -575,6 +607,9 @@ def compress_command(
     for row in result.steps:
         for note in row["notes"]:
             console.print(f"  {row['step']}: {note}", highlight=False)
+    search = result.bundle.manifest["compression"].get("search")
+    if search:
+        _print_table(_search_table(search))
     loss = result.bundle.manifest["compression"]["loss_against_parent"]
     verdict = "within" if loss["within_limits"] else "MORE than allowed, written because of --accept-loss:"
     console.print(

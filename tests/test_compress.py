@@ -375,3 +375,31 @@ def test_when_no_int8_meets_the_budgets_one_validation_case_does_not_buy_float_o
     assert _fewest_flips([full, one, two, three], 0.01, resolution=1 / 360) is one  # 9 vs 8 of 360 cases
     assert _fewest_flips([full, one, two, three], 0.01, resolution=1 / 1000) is three
     assert _fewest_flips([full, one], 0.003, resolution=1 / 360) is full  # nothing within the AUC budget
+
+
+def test_target_kb_keeps_the_most_accurate_student_that_fits(parent, tmp_path):
+    """--target-kb sizes (width, sparsity) pairs before training, trains them, keeps the best that fits."""
+    config = CompressConfig(
+        distill=True, distill_epochs=2, prune_epochs=2, target_kb=40, search_candidates=2, accept_loss=True
+    )
+    result = compress(parent.path, tmp_path / "kb", config)
+    search = result.bundle.manifest["compression"]["search"]
+    rows = search["candidates"]
+    assert len(rows) == 2 and len({(r["width"], r["sparsity"]) for r in rows}) == 2
+    for row in rows:  # the size measured on an untrained copy is the trained model's, within 5%
+        assert row["predicted_bytes"] <= 40 * 1024 and abs(row["bytes"] - row["predicted_bytes"]) <= 0.05 * row["bytes"]
+    fitting = [r for r in rows if r["within_budget"]]
+    eligible = [r for r in fitting if r["within_limits"]] or fitting
+    chosen = rows[search["chosen"]]
+    assert chosen["val_auc"] == max(r["val_auc"] for r in eligible) and chosen["bytes"] <= 40 * 1024
+    assert result.steps[-1]["step"] == "quantize-int8" and result.steps[-1]["bytes"] == chosen["bytes"]
+    assert result.bundle.manifest["models"]["tflite-int8"]["bytes"] == chosen["bytes"]
+    frontier = read_bundle(result.bundle.path).path / search["plot"]  # read_bundle checks every file's hash
+    assert frontier.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_target_kb_needs_a_student_and_int8():
+    with pytest.raises(ConfigError, match="--target-kb searches student width and sparsity"):
+        CompressConfig(target_kb=64, quantize="int8")
+    with pytest.raises(ConfigError, match="--target-kb"):
+        CompressConfig(target_kb=64, distill=True, quantize="float16")

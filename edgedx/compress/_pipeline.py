@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import gzip
 import math
 import tempfile
@@ -28,6 +27,8 @@ from .quantize import TFLiteModel
 
 #: ``--quantize auto`` tries these, measured on the device; float32 always passes the guard.
 AUTO_CANDIDATES = tuple(PRECISIONS)
+#: The --target-kb frontier plot, in the bundle.
+FRONTIER_FILE = "frontier.png"
 #: Called with each step's report row as the step ends.
 StepFn = Callable[[dict[str, Any]], None]
 #: int8 whose flips exceed ``max_flips`` is retried with this many leading ops in float, fewest first.
@@ -51,6 +52,8 @@ class CompressConfig:
     prune_epochs: int = 8
     prune_with_teacher: bool = False  # after --distill: fine-tune the pruned student under the distillation loss
     quantize: str = "int8"
+    target_kb: float | None = None  # search student width and sparsity for the best int8 model this size
+    search_candidates: int = 3  # --target-kb: how many (width, sparsity) candidates to train
     device: str | None = None  # with quantize="auto": the device profile to measure candidates on
     auto_runs: int = 200
     qat: bool = False
@@ -84,11 +87,16 @@ class CompressConfig:
             raise ConfigError(f"max sensitivity drop must be in [0, 1], got {self.max_sensitivity_drop}")
         if not 0 <= self.max_flips < 1:
             raise ConfigError(f"max flips must be in [0, 1), got {self.max_flips}")
-        for name in ("prune_epochs", "qat_epochs", "calibration_samples", "auto_runs"):
+        for name in ("prune_epochs", "qat_epochs", "calibration_samples", "auto_runs", "search_candidates"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.prune_with_teacher and not (self.distill and self.prune):
             raise ConfigError("--prune-with-teacher fine-tunes a distilled student: use it with --distill --prune")
+        if self.target_kb is not None and (self.target_kb <= 0 or not self.distill or self.quantize != "int8"):
+            raise ConfigError(
+                "--target-kb searches student width and sparsity for an int8 file: use a positive size "
+                "with --distill --quantize int8 (pruning is chosen by the search)"
+            )
         if not (self.distill or self.prune or self.quantize != "none"):
             raise ConfigError("nothing to do: choose at least one of --distill, --prune, --quantize")
 
@@ -416,16 +424,24 @@ def compress(
         if on_step:
             on_step(stages[-1].row)
 
-    if config.distill:
-        advance(_distill)
-    if config.prune:
-        advance(_prune)
-    float_stage = stages[-1]
+    search = None
+    if config.target_kb is not None:
+        chosen, search = _search_under_budget(run, stages[0])
+        for stage in chosen:
+            stages.append(stage)
+            if on_step:
+                on_step(stage.row)
+    else:
+        if config.distill:
+            advance(_distill)
+        if config.prune:
+            advance(_prune)
+        if config.quantize == "auto":
+            advance(_auto_precision)
+        elif config.quantize != "none":
+            advance(_quantize)
+    float_stage = next(s for s in reversed(stages) if s.tflite is None)
     float_tflite = convert(float_stage.keras_model, "float32", sparse=_pruned(float_stage.arch))
-    if config.quantize == "auto":
-        advance(functools.partial(_auto_precision, float_tflite=float_tflite))
-    elif config.quantize != "none":
-        advance(_quantize)
     loss = _loss_against_parent(run, [s.row for s in stages])
     return _write(
         out,
@@ -434,9 +450,90 @@ def compress(
         float_stage=float_stage,
         float_tflite=float_tflite,
         loss=loss,
+        search=search,
         seconds=time.perf_counter() - start,
         overwrite=overwrite,
     )
+
+
+@dataclass(frozen=True)
+class _Search:
+    """What ``--target-kb`` tried: every trained candidate's figures, the choice, and the frontier plot."""
+
+    record: dict[str, Any]
+    frontier_png: bytes
+
+
+def _search_under_budget(run: _Run, parent: _Stage) -> tuple[list[_Stage], _Search]:
+    """Distill, prune and quantize to int8 each (width, sparsity) sized to fit ``config.target_kb``;
+    keep the candidate with the best validation AUC among those within the budget and the guard's
+    limits (or, if none is within the limits, the best within the budget, which the guard then refuses).
+    """
+    from .search import plot_frontier, sized_candidates, spread
+
+    config = run.config
+    budget = int(config.target_kb * 1024)
+    arch = config.student or parent.arch["name"]
+    sized = sized_candidates(
+        run.teacher,
+        arch,
+        len(run.parent.class_names),
+        budget_bytes=budget,
+        calibration=run.calibration_inputs(),
+    )
+    if not sized:
+        raise CompressionRefused(
+            f"no {arch} student fits --target-kb {config.target_kb:g} as int8, even at 90% sparsity; "
+            "raise the budget or give a smaller --student"
+        )
+    trained, rows = [], []
+    for candidate in spread(sized, config.search_candidates):
+        settings = replace(
+            config, width=candidate.width, prune=candidate.sparsity > 0, sparsity=candidate.sparsity or config.sparsity
+        )
+        trial = replace(run, config=settings)
+        stages = [_distill(trial, parent)]
+        if candidate.sparsity:
+            stages.append(_prune(trial, stages[-1]))
+        stages.append(_quantize(trial, stages[-1]))
+        final = stages[-1].row
+        drops = {k: parent.row["val"][k] - final["val"][k] for k in ("auc", "sensitivity")}
+        rows.append(
+            {
+                "width": candidate.width,
+                "sparsity": candidate.sparsity,
+                "parameters": candidate.parameters,
+                "nonzero_parameters": final["nonzero_parameters"],
+                "predicted_bytes": candidate.predicted_bytes,
+                "bytes": final["bytes"],
+                "val_auc": final["val"]["auc"],
+                "val_sensitivity": final["val"]["sensitivity"],
+                "test_auc": final["test"]["auc"],
+                "within_budget": final["bytes"] <= budget,
+                "within_limits": drops["auc"] <= config.max_auc_drop + 1e-12
+                and not drops["sensitivity"] > config.max_sensitivity_drop + 1e-12,
+                "seconds": round(sum(s.row["seconds"] for s in stages), 1),
+            }
+        )
+        trained.append(stages)
+    fitting = [i for i, r in enumerate(rows) if r["within_budget"]]
+    if not fitting:
+        sizes = ", ".join(f"{r['bytes']:,} B (sized at {r['predicted_bytes']:,} B)" for r in rows)
+        raise CompressionRefused(
+            f"every candidate came out over --target-kb {config.target_kb:g} once trained ({sizes}); no bundle written"
+        )
+    passing = [i for i in fitting if rows[i]["within_limits"]] or fitting
+    chosen = max(passing, key=lambda i: rows[i]["val_auc"])
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_frontier(
+            rows,
+            target_kb=config.target_kb,
+            parent_val_auc=parent.row["val"]["auc"],
+            chosen=chosen,
+            path=Path(tmp) / "frontier.png",
+        ).read_bytes()
+    record = {"target_kb": config.target_kb, "candidates": rows, "chosen": chosen, "plot": FRONTIER_FILE}
+    return trained[chosen], _Search(record=record, frontier_png=png)
 
 
 def _distill(run: _Run, current: _Stage) -> _Stage:
@@ -608,7 +705,7 @@ def _candidate_bundle(folder: Path, model: TFLiteModel, manifest: dict, threshol
     return write_bundle(folder / f"candidate-{model.precision}", body, models={role: file}).path
 
 
-def _auto_precision(run: _Run, current: _Stage, *, float_tflite: TFLiteModel) -> _Stage:
+def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     """Convert to every precision, measure each on the device, keep the fastest that passes the guard.
 
     Latency is the median of ``auto_runs`` single-image predictions in a runtime-only process limited
@@ -621,6 +718,7 @@ def _auto_precision(run: _Run, current: _Stage, *, float_tflite: TFLiteModel) ->
 
     began, config, prepared = time.perf_counter(), run.config, run.data
     profile = load_profile(config.device)
+    float_tflite = convert(current.keras_model, "float32", sparse=_pruned(current.arch))
     calibration = run.calibration_inputs()
     reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
     candidates, models = [], {}
@@ -696,6 +794,7 @@ def _write(
     float_stage: _Stage,
     float_tflite: TFLiteModel,
     loss: dict[str, Any],
+    search: _Search | None,
     seconds: float,
     overwrite: bool,
 ) -> CompressResult:
@@ -736,6 +835,7 @@ def _write(
             "data_matches_parent": prepared.fingerprints["train"] == manifest["data"]["fingerprint"]["train"],
             "steps": rows,
             "loss_against_parent": loss,
+            **({"search": search.record} if search else {}),
             "seconds": round(seconds, 1),
             **({"auto_precision": final.auto_precision} if final.auto_precision else {}),
         },
@@ -760,6 +860,8 @@ def _write(
     }
     guard_file = manifest.get("guard", {}).get("file")
     extra_files = {guard_file: (parent.path / guard_file).read_bytes()} if guard_file else {}
+    if search:
+        extra_files[FRONTIER_FILE] = search.frontier_png
     with tempfile.TemporaryDirectory() as tmp:
         files = {"keras": Path(tmp) / "model.keras", "tflite-float32": Path(tmp) / "model-float32.tflite"}
         float_model.save(files["keras"])

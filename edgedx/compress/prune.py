@@ -53,27 +53,10 @@ def prunable(model, *, sparsity: float, structure: str, steps: int, distribution
 
     from .._tf import keras  # TF_USE_LEGACY_KERAS before tfmot touches Keras
 
-    if structure not in STRUCTURES:
-        raise ConfigError(f"unknown pruning structure {structure!r}; choose from {', '.join(STRUCTURES)}")
-    if not 0 < sparsity < 1:
-        raise ConfigError(f"sparsity must be between 0 and 1, got {sparsity}")
-    if distribution not in DISTRIBUTIONS:
-        raise ConfigError(f"unknown sparsity distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
     end_step = max(1, int(steps * 2 / 3))
     frequency = max(1, end_step // 20)
     sparsity_api = tfmot.sparsity.keras
-    weighted = [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
-    keep_dense = {weighted[0].name, weighted[-1].name} if len(weighted) > 2 else set()
-    prunable_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
-    pruned = {
-        layer.name: tuple(layer.kernel.shape)
-        for layer in weighted
-        if layer.name not in keep_dense and isinstance(layer, prunable_types)
-    }
-    if structure == "2:4" or distribution == "uniform":
-        targets = dict.fromkeys(pruned, sparsity)
-    else:
-        targets = erk_sparsities(pruned, sparsity)
+    targets = layer_sparsities(model, sparsity=sparsity, structure=structure, distribution=distribution)
 
     def options(target: float) -> dict:
         if structure == "2:4":
@@ -85,12 +68,48 @@ def prunable(model, *, sparsity: float, structure: str, steps: int, distribution
         return {"pruning_schedule": schedule}
 
     def wrap(layer):  # wrapping (or reusing) the layer object keeps its trained weights
-        if layer.name not in pruned or targets[layer.name] == 0:
+        if targets.get(layer.name, 0) == 0:
             return layer
         return sparsity_api.prune_low_magnitude(layer, **options(targets[layer.name]))
 
     wrapped = keras.models.clone_model(model, clone_function=wrap)
     return wrapped, [sparsity_api.UpdatePruningStep()], end_step
+
+
+def layer_sparsities(model, *, sparsity: float, structure: str = "unstructured", distribution: str = "erk"):
+    """Each prunable layer's target sparsity, by layer name (see ``prunable`` for the rules)."""
+    from .._tf import keras
+
+    if structure not in STRUCTURES:
+        raise ConfigError(f"unknown pruning structure {structure!r}; choose from {', '.join(STRUCTURES)}")
+    if not 0 < sparsity < 1:
+        raise ConfigError(f"sparsity must be between 0 and 1, got {sparsity}")
+    if distribution not in DISTRIBUTIONS:
+        raise ConfigError(f"unknown sparsity distribution {distribution!r}; choose from {', '.join(DISTRIBUTIONS)}")
+    weighted = [layer for layer in model.layers if getattr(layer, "kernel", None) is not None]
+    keep_dense = {weighted[0].name, weighted[-1].name} if len(weighted) > 2 else set()
+    prunable_types = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+    pruned = {
+        layer.name: tuple(layer.kernel.shape)
+        for layer in weighted
+        if layer.name not in keep_dense and isinstance(layer, prunable_types)
+    }
+    if structure == "2:4":
+        return dict.fromkeys(pruned, 0.5)
+    if distribution == "uniform":
+        return dict.fromkeys(pruned, sparsity)
+    return erk_sparsities(pruned, sparsity)
+
+
+def zero_smallest(model, targets: dict[str, float]) -> None:
+    """Set the smallest-magnitude ``targets[name]`` of each named layer's kernel to zero, in place:
+    the sparsity pattern pruning would reach, for sizing a model before it is trained."""
+    for layer in model.layers:
+        if targets.get(layer.name, 0) <= 0:
+            continue
+        kernel = layer.kernel.numpy()
+        cut = np.quantile(np.abs(kernel), targets[layer.name])
+        layer.kernel.assign(np.where(np.abs(kernel) <= cut, 0, kernel))
 
 
 def strip(model):
