@@ -476,6 +476,12 @@ def compress_command(
     ] = None,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 4.0,
     alpha: Annotated[float, typer.Option(help="Weight of the label loss; 1 - alpha weighs the teacher.")] = 0.3,
+    mixup: Annotated[
+        float,
+        typer.Option(
+            help="Distill on mixed pairs of images too (the teacher labels them), Beta(mixup, mixup) weights; 0: off."
+        ),
+    ] = 1.0,
     prune: Annotated[bool, typer.Option("--prune", help="Magnitude-prune (tensorflow-model-optimization).")] = False,
     sparsity: Annotated[float, typer.Option(help="Target fraction of zero weights.")] = 0.75,
     structure: Annotated[
@@ -562,6 +568,7 @@ def compress_command(
             width=width,
             temperature=temperature,
             alpha=alpha,
+            mixup=mixup,
             prune=prune,
             sparsity=sparsity,
             structure=structure.value,

@@ -403,3 +403,37 @@ def test_target_kb_needs_a_student_and_int8():
         CompressConfig(target_kb=64, quantize="int8")
     with pytest.raises(ConfigError, match="--target-kb"):
         CompressConfig(target_kb=64, distill=True, quantize="float16")
+
+
+def test_distillation_mixup_adds_mixed_pairs_that_teacher_and_student_both_see():
+    """Function matching: each batch is doubled by convex mixes of its own images, fed to both models alike."""
+    from edgedx._tf import keras, tf
+    from edgedx.compress.distill import distiller
+
+    seen: dict[str, list[np.ndarray]] = {"teacher": [], "student": []}
+
+    class Recording(keras.Model):
+        def __init__(self, who: str) -> None:
+            super().__init__()
+            self.who, self.dense = who, keras.layers.Dense(1)
+
+        def call(self, x, training=False):
+            seen[self.who].append(np.array(x))
+            return self.dense(tf.reshape(x, [tf.shape(x)[0], -1]))
+
+    x = np.random.default_rng(0).random((8, 4, 4, 1)).astype("float32")
+    trainer = distiller(Recording("teacher"), Recording("student"), temperature=2.0, alpha=0.5, mixup=1.0)
+    trainer.compile(optimizer="adam", run_eagerly=True)
+    trainer.fit(x, np.array([0, 1] * 4), batch_size=8, epochs=1, verbose=0, shuffle=False)
+    teacher_saw, student_saw = seen["teacher"][-1], seen["student"][-1]
+    assert teacher_saw.shape[0] == 16 and np.array_equal(teacher_saw, student_saw)
+    assert np.array_equal(teacher_saw[:8], x)
+    flat = x.reshape(8, -1)
+    for mixed in teacher_saw[8:].reshape(8, -1):  # mixed = w * x_i + (1 - w) * x_j for some i, j and w in [0, 1]
+        best = np.inf
+        for i in range(8):
+            for j in range(8):
+                direction = flat[i] - flat[j]
+                w = 1.0 if i == j else float(np.clip(direction @ (mixed - flat[j]) / (direction @ direction), 0, 1))
+                best = min(best, float(np.abs(w * flat[i] + (1 - w) * flat[j] - mixed).max()))
+        assert best < 1e-5

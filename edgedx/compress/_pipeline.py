@@ -44,6 +44,7 @@ class CompressConfig:
     width: float | None = None  # None: the widest student with <= 1/8 of the teacher's parameters
     temperature: float = 4.0
     alpha: float = 0.3
+    mixup: float = 1.0  # distillation on mixed pairs of images too, Beta(mixup, mixup) weights; 0: off
     distill_epochs: int | None = None  # None: as many as the teacher trained for
     prune: bool = False
     sparsity: float = 0.75
@@ -79,8 +80,11 @@ class CompressConfig:
             raise ConfigError(f"unknown layer sparsity {self.layer_sparsity!r}; choose from {', '.join(DISTRIBUTIONS)}")
         if not 0 < self.sparsity < 1:
             raise ConfigError(f"sparsity must be between 0 and 1, got {self.sparsity}")
-        if self.temperature <= 0 or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"need temperature > 0 and alpha in [0, 1], got {self.temperature} and {self.alpha}")
+        if self.temperature <= 0 or not 0 <= self.alpha <= 1 or self.mixup < 0:
+            raise ConfigError(
+                f"need temperature > 0, alpha in [0, 1] and mixup >= 0, got {self.temperature}, {self.alpha} "
+                f"and {self.mixup}"
+            )
         if not 0 <= self.max_auc_drop < 1:
             raise ConfigError(f"max AUC drop must be in [0, 1), got {self.max_auc_drop}")
         if not 0 <= self.max_sensitivity_drop <= 1:
@@ -543,10 +547,13 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
     began, config = time.perf_counter(), run.config
     arch = config.student or current.arch["name"]
     student, width = distillation.choose_student(run.teacher, arch, len(run.parent.class_names), width=config.width)
-    trainer = distillation.distiller(run.teacher, student, temperature=config.temperature, alpha=config.alpha)
+    trainer = distillation.distiller(
+        run.teacher, student, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
+    )
     epochs = config.distill_epochs or run.train_config.epochs
     run.train(trainer, epochs=epochs)
-    notes = [f"student {arch} width {width}, T={config.temperature}, alpha={config.alpha}, {epochs} epochs"]
+    mixed = f", mixup {config.mixup:g}" if config.mixup else ""
+    notes = [f"student {arch} width {width}, T={config.temperature}, alpha={config.alpha}{mixed}, {epochs} epochs"]
     return run.keras_stage("distill", student, {"name": arch, "width": width}, began, notes)
 
 
@@ -567,7 +574,9 @@ def _prune(run: _Run, current: _Stage) -> _Stage:
     # 0.3: 0.957 -> 0.963 test AUC) but hurt the head-CT one (0.856 -> 0.796); benchmarks/README.md.
     with_teacher = config.distill and config.prune_with_teacher
     trainee = (
-        distillation.distiller(run.teacher, wrapped, temperature=config.temperature, alpha=config.alpha)
+        distillation.distiller(
+            run.teacher, wrapped, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
+        )
         if with_teacher
         else wrapped
     )

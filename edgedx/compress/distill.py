@@ -35,18 +35,37 @@ def choose_student(teacher, arch: str, num_classes: int, *, max_fraction: float 
     )
 
 
-def distiller(teacher, student, *, temperature: float, alpha: float):
-    """A Keras model that trains ``student`` against labels and ``teacher``; predicts with the student."""
+def distiller(teacher, student, *, temperature: float, alpha: float, mixup: float = 0.0):
+    """A Keras model that trains ``student`` against labels and ``teacher``; predicts with the student.
+
+    With ``mixup`` > 0 every batch is doubled by mixed pairs of its own images (weights drawn from
+    Beta(mixup, mixup)) that only the teacher labels: "function matching" (Beyer et al. 2022,
+    "Knowledge distillation: A good teacher is patient and consistent"). The student then learns
+    the teacher's function between the training images as well as on them, which a small data set
+    leaves it little of otherwise. The teacher always sees exactly the (augmented) input the
+    student sees.
+    """
     from .._tf import keras, tf
 
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if not 0 <= alpha <= 1:
         raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    if mixup < 0:
+        raise ConfigError(f"mixup must be >= 0 (0: off), got {mixup}")
     teacher.trainable = False
 
     def as_two_class(logits):
         return tf.concat([tf.zeros_like(logits), logits], axis=-1) if logits.shape[-1] == 1 else logits
+
+    def with_mixed_pairs(x):
+        if not mixup:
+            return x
+        n = tf.shape(x)[0]
+        a, b = tf.random.gamma([n, 1, 1, 1], mixup), tf.random.gamma([n, 1, 1, 1], mixup)
+        weight = a / (a + b)  # Beta(mixup, mixup)
+        partner = tf.gather(x, tf.random.shuffle(tf.range(n)))
+        return tf.concat([x, weight * x + (1 - weight) * partner], axis=0)
 
     class Distiller(keras.Model):
         def __init__(self) -> None:
@@ -59,16 +78,20 @@ def distiller(teacher, student, *, temperature: float, alpha: float):
 
         def train_step(self, data):
             x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-            soft_targets = tf.nn.softmax(as_two_class(self.teacher(x, training=False)) / temperature)
+            n = tf.shape(x)[0]
+            inputs = with_mixed_pairs(x)
+            soft_targets = tf.nn.softmax(as_two_class(self.teacher(inputs, training=False)) / temperature)
+            weights = tf.ones([n]) if sample_weight is None else tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
             with tf.GradientTape() as tape:
-                logits = as_two_class(self.student(x, training=True))
+                logits = as_two_class(self.student(inputs, training=True))
                 labels = tf.cast(tf.reshape(y, [-1]), tf.int32)
-                hard = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+                hard = keras.losses.sparse_categorical_crossentropy(labels, logits[:n], from_logits=True)
                 soft = keras.losses.kl_divergence(soft_targets, tf.nn.softmax(logits / temperature))
-                per_case = alpha * hard + (1 - alpha) * temperature**2 * soft
-                if sample_weight is not None:
-                    per_case = per_case * tf.reshape(tf.cast(sample_weight, per_case.dtype), [-1])
-                loss = tf.reduce_mean(per_case)
+                # mixed images have no label and no class weight: the teacher alone speaks for them
+                soft_weights = tf.concat([weights, tf.ones([tf.shape(inputs)[0] - n])], axis=0)
+                loss = alpha * tf.reduce_mean(hard * weights) + (1 - alpha) * temperature**2 * tf.reduce_mean(
+                    soft * soft_weights
+                )
             grads = tape.gradient(loss, self.student.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, self.student.trainable_variables, strict=True))
             return {"loss": loss}
