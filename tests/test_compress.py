@@ -437,3 +437,20 @@ def test_distillation_mixup_adds_mixed_pairs_that_teacher_and_student_both_see()
                 w = 1.0 if i == j else float(np.clip(direction @ (mixed - flat[j]) / (direction @ direction), 0, 1))
                 best = min(best, float(np.abs(w * flat[i] + (1 - w) * flat[j] - mixed).max()))
         assert best < 1e-5
+
+
+def test_auto_precision_breaks_latency_ties_by_size():
+    from edgedx.compress._pipeline import _fastest_then_smallest
+
+    def candidate(precision, p50, size):
+        return {"precision": precision, "p50_ms": p50, "bytes": size}
+
+    int8, dynamic, float32 = (
+        candidate("int8", 1.02, 70_000),
+        candidate("dynamic", 1.00, 100_000),
+        candidate("float32", 3.0, 330_000),
+    )
+    winner, tied = _fastest_then_smallest([float32, dynamic, int8])
+    assert winner is int8 and tied == [dynamic, int8]  # 2% slower, 30% smaller
+    winner, tied = _fastest_then_smallest([float32, dynamic, candidate("int8", 1.2, 70_000)])
+    assert winner is dynamic and tied == [dynamic]

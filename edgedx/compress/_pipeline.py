@@ -27,6 +27,8 @@ from .quantize import TFLiteModel
 
 #: ``--quantize auto`` tries these, measured on the device; float32 always passes the guard.
 AUTO_CANDIDATES = tuple(PRECISIONS)
+#: --quantize auto: median latencies within this fraction of the fastest count as a tie, broken by size.
+LATENCY_TIE = 0.05
 #: The --target-kb frontier plot, in the bundle.
 FRONTIER_FILE = "frontier.png"
 #: Called with each step's report row as the step ends.
@@ -770,13 +772,17 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
                     "peak_rss_mb": round(probe["peak_rss_mb"], 1),
                 }
             )
-    passing = [c for c in candidates if c["passes_guard"]]
-    winner = min(passing, key=lambda c: c["p50_ms"])
+    winner, tied = _fastest_then_smallest([c for c in candidates if c["passes_guard"]])
     ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
     refused = [c["precision"] for c in candidates if not c["passes_guard"]]
+    size_note = (
+        f"; the smallest of {', '.join(c['precision'] for c in tied)}, within {LATENCY_TIE:.0%} of the fastest"
+        if len(tied) > 1
+        else ""
+    )
     reason = (
         f"{winner['precision']} is the fastest on {profile.name} of the precisions within --max-auc-drop "
-        f"{config.max_auc_drop} (median latency: {ranked})"
+        f"{config.max_auc_drop}{size_note} (median latency: {ranked})"
         + (f"; refused for accuracy: {', '.join(refused)}" if refused else "")
     )
     record = {"device": profile.to_dict(), "runs": config.auto_runs, "candidates": candidates}
@@ -793,6 +799,17 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         notes=[reason],
         auto_precision=record,
     )
+
+
+def _fastest_then_smallest(passing: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The candidate to deploy, and those whose median latency is within ``LATENCY_TIE`` of the fastest.
+
+    Latencies closer than that are not told apart by a few hundred calls on a shared machine;
+    among them the smallest file wins.
+    """
+    fastest = min(c["p50_ms"] for c in passing)
+    tied = [c for c in passing if c["p50_ms"] <= fastest * (1 + LATENCY_TIE)]
+    return min(tied, key=lambda c: (c["bytes"], c["p50_ms"])), tied
 
 
 def _write(
