@@ -300,6 +300,10 @@ def train_command(
 
     The bundle also gets a calibration of its probabilities and an out-of-distribution guard, both
     fitted on validation data.
+
+    With TF_CONFIG naming two or more workers (Kubeflow's TFJob and the cloud trainers set it),
+    every worker runs this same command: they train one model together
+    (MultiWorkerMirroredStrategy, each batch split between them) and worker 0 writes the bundle.
     """
     with _user_errors():
         from .data import RSNA_LABELS, default_dataset, load_dataset
@@ -336,6 +340,11 @@ def train_command(
 
             on_epoch = None if as_json else _print_epoch
             result = train(dataset, out, config, init=init, progress=report, on_epoch=on_epoch, overwrite=overwrite)
+    if result.bundle is None:
+        console.print(
+            f"trained as a worker of a multi-worker job in {result.seconds:.0f}s; the chief writes the bundle"
+        )
+        return
     if as_json:
         console.print_json(
             data={

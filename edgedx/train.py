@@ -85,7 +85,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainResult:
-    bundle: Bundle
+    bundle: Bundle | None  # None on a worker of a multi-worker job that is not the chief
     metrics: dict[str, dict[str, Any]]
     seconds: float
 
@@ -130,7 +130,18 @@ def training_spec(dataset: Dataset, size: int, windows: tuple[str, ...]) -> Prep
 
 
 def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Raw outputs of a Keras model, (N, outputs)."""
+    """Raw outputs of a Keras model, (N, outputs).
+
+    A model trained by several workers is called batch by batch on this worker alone: its
+    ``predict`` would shard the inputs over the workers, and every worker needs every output
+    (each chooses the same best epoch from the same validation AUC).
+    """
+    from ._tf import tf
+
+    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return np.concatenate(
+            [np.asarray(model(x[i : i + batch_size], training=False), np.float64) for i in range(0, len(x), batch_size)]
+        )
     return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), np.float64)
 
 
@@ -191,7 +202,10 @@ def fit(
     ds = tf.data.Dataset.from_tensor_slices((x, targets)).shuffle(
         len(x), seed=config.seed, reshuffle_each_iteration=True
     )
-    ds = ds.batch(config.batch_size)
+    ds = ds.batch(config.batch_size)  # the global batch: several workers split each one
+    shard = tf.data.Options()
+    shard.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    ds = ds.with_options(shard)
     if config.augment:
         augment = _augmenter(keras, hflip)
         ds = ds.map(lambda a, b: (augment(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
@@ -321,14 +335,18 @@ def train(
     Returns:
         The bundle, its validation and test metrics and the wall time.
     """
+    from . import distributed
     from ._tf import keras, tf
     from .models import count_macs, count_parameters
 
     out = Path(out)
-    if out.exists() and not overwrite:
+    cluster = distributed.cluster_from_env()
+    writes = cluster is None or cluster.chief  # several workers may share one --out: the chief writes it
+    if writes and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or remove it first")
     _check_classes(dataset)
     start = time.perf_counter()
+    strategy = distributed.strategy(cluster)  # before TensorFlow makes any tensor
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     parent = read_bundle(init) if init is not None else None
@@ -339,7 +357,8 @@ def train(
     else:
         spec = training_spec(dataset, config.input_size or dataset.default_size, config.windows)
     data = prepare_data(dataset, spec, progress)
-    model = _initial_model(parent, config, data.spec, dataset)
+    with strategy.scope():  # variables mirrored on every worker; fit() compiles in the same scope
+        model = _initial_model(parent, config, data.spec, dataset)
     activation = "softmax" if dataset.task == "multiclass" else "sigmoid"
     history = fit(
         model, data, config, activation=activation, hflip=dataset.hflip_ok, progress=progress, on_epoch=on_epoch
@@ -348,6 +367,8 @@ def train(
         layer.trainable = True
     calibration = fit_to_labels(predict_logits(model, data.x["val"]), data.y["val"])
     threshold, measured = evaluate_model(model, data, activation, config, calibration, list(dataset.class_names))
+    if not writes:
+        return TrainResult(bundle=None, metrics=measured, seconds=time.perf_counter() - start)
     guard = fit_guard(data.x["train"], data.x["val"], Scope.for_training(_modalities(dataset), dataset.body_parts))
     guard = guard.with_rates(test=flag_rate(guard, data.x["test"]))
     params, nonzero = count_parameters(model)
@@ -389,6 +410,7 @@ def train(
             "best_epoch": best["epoch"],
             "seconds": round(seconds, 1),
             "tensorflow": tf.__version__,
+            "workers": cluster.workers if cluster else 1,
             **({"init": _parent_record(parent)} if parent is not None else {}),
         },
         "metrics": measured,

@@ -1,0 +1,65 @@
+"""Multi-worker training on TensorFlow's own engine, configured the way cluster schedulers do it.
+
+Kubeflow's TFJob and the cloud trainers start one process per worker with ``TF_CONFIG`` set:
+``{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}``. With two
+or more workers, ``edgedx train`` builds its model under ``tf.distribute.MultiWorkerMirroredStrategy``
+(synchronous data parallelism: each worker takes its share of every batch, gradients are summed by
+all-reduce), and only the chief (worker 0, or a task of type ``chief``) writes the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+TF_CONFIG = "TF_CONFIG"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place in a multi-worker job."""
+
+    workers: int  # processes that train (a chief counts as one)
+    task: str  # "worker" or "chief"
+    index: int
+    has_chief_task: bool = False  # without one, worker 0 is the chief
+
+    @property
+    def chief(self) -> bool:
+        return self.task == "chief" or (self.index == 0 and not self.has_chief_task)
+
+
+def cluster_from_env(environ: Mapping[str, str] = os.environ) -> Cluster | None:
+    """The cluster ``TF_CONFIG`` describes, or None when it is unset or names a single worker."""
+    text = environ.get(TF_CONFIG, "").strip()
+    if not text:
+        return None
+    try:
+        config = json.loads(text)
+        jobs = config["cluster"]
+        task = config["task"]
+        kind, index = str(task["type"]), int(task["index"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{TF_CONFIG} is not a cluster description ({exc}): {text[:200]}") from None
+    chiefs, workers = len(jobs.get("chief", [])), len(jobs.get("worker", []))
+    if kind not in ("chief", "worker"):
+        raise ConfigError(f"{TF_CONFIG}: edgedx trains as a 'chief' or 'worker' task, not {kind!r}")
+    if chiefs + workers < 2:
+        return None
+    return Cluster(workers=chiefs + workers, task=kind, index=index, has_chief_task=chiefs > 0)
+
+
+def strategy(cluster: Cluster | None):
+    """MultiWorkerMirroredStrategy for a cluster, else TensorFlow's default (no distribution).
+
+    Must run before TensorFlow creates any tensor in this process.
+    """
+    from ._tf import tf
+
+    if cluster is None:
+        return tf.distribute.get_strategy()
+    return tf.distribute.MultiWorkerMirroredStrategy()

@@ -1,0 +1,68 @@
+"""Multi-worker training: TF_CONFIG parsing, and a tiny two-worker job on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import needs_tf
+
+from edgedx.distributed import cluster_from_env
+from edgedx.errors import ConfigError
+
+
+def _tf_config(workers: list[str], index: int, kind: str = "worker", chief: list[str] | None = None) -> dict:
+    cluster = {"worker": workers, **({"chief": chief} if chief else {})}
+    return {"TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})}
+
+
+def test_cluster_from_tf_config():
+    assert cluster_from_env({}) is None
+    assert cluster_from_env(_tf_config(["a:1"], 0)) is None  # one worker: plain training
+    first, second = (cluster_from_env(_tf_config(["a:1", "b:2"], i)) for i in (0, 1))
+    assert first.workers == second.workers == 2 and first.chief and not second.chief
+    with_chief = cluster_from_env(_tf_config(["a:1"], 0, chief=["c:3"]))
+    assert with_chief.workers == 2 and not with_chief.chief  # worker 0 is not the chief when a chief task exists
+    assert cluster_from_env(_tf_config(["a:1"], 0, kind="chief", chief=["c:3"])).chief
+    with pytest.raises(ConfigError, match="TF_CONFIG is not a cluster description"):
+        cluster_from_env({"TF_CONFIG": "{not json"})
+    with pytest.raises(ConfigError, match="not 'ps'"):
+        cluster_from_env(_tf_config(["a:1", "b:2"], 0, kind="ps"))
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.tf
+@needs_tf
+def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz, tmp_path):
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    command = [sys.executable, "-m", "edgedx", "train", "--data", str(tiny_npz), "--arch", "seed-cnn"]
+    command += ["--width", "0.25", "--epochs", "2", "--batch-size", "16"]
+    processes = [
+        subprocess.Popen(
+            [*command, "--out", str(tmp_path / "bundle")],  # one path, as on a shared volume
+            env={**os.environ, **_tf_config(workers, i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, out + err[-3000:]
+    assert "the chief writes the bundle" in outputs[1][0]
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["training"]["workers"] == 2 and manifest["training"]["epochs_run"] == 2
