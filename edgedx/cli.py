@@ -504,8 +504,15 @@ def compress_command(
         ),
     ] = LayerSparsity.erk,
     prune_with_teacher: Annotated[
-        bool, typer.Option(help="After --distill, fine-tune the pruned student under the distillation loss.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--prune-with-teacher/--prune-on-labels",
+            help="With --distill: fine-tune the pruned student under the distillation loss, or on the labels alone.",
+        ),
+    ] = True,
+    distill_epochs: Annotated[
+        int | None, typer.Option(help="Distillation epochs (default: twice the teacher's).")
+    ] = None,
     quantize: Annotated[
         Quantization,
         typer.Option(help="TFLite precision to deploy; auto: the fastest on --device that passes the guard."),
@@ -583,6 +590,7 @@ def compress_command(
             structure=structure.value,
             layer_sparsity=layer_sparsity.value,
             prune_with_teacher=prune_with_teacher,
+            distill_epochs=distill_epochs,
             quantize=quantize.value,
             device=device,
             target_kb=target_kb,

@@ -303,8 +303,6 @@ def test_bad_config():
         CompressConfig(quantize="none")
     with pytest.raises(ConfigError, match="unknown pruning structure '3:4'"):
         CompressConfig(structure="3:4")
-    with pytest.raises(ConfigError, match="use it with --distill --prune"):
-        CompressConfig(prune=True, prune_with_teacher=True)
     with pytest.raises(ConfigError, match="max flips must be in"):
         CompressConfig(max_flips=1.5)
 
