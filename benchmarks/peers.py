@@ -65,8 +65,8 @@ def _timer(fn, x: np.ndarray):
     return run
 
 
-def _onnx_sessions(keras_model, calibration: np.ndarray, threads: int, tmp: Path):
-    import onnxruntime as ort
+def onnx_models(keras_model, calibration: np.ndarray, tmp: Path) -> dict[str, Path]:
+    """The Keras model as ONNX float32 (tf2onnx) and statically quantized int8 (QDQ, per-channel)."""
     import tensorflow as tf
     import tf2onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -93,14 +93,19 @@ def _onnx_sessions(keras_model, calibration: np.ndarray, threads: int, tmp: Path
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
     )
+    return {"onnxruntime float32": float_path, "onnxruntime int8": int8_path}
+
+
+def _onnx_sessions(keras_model, calibration: np.ndarray, threads: int, tmp: Path):
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    sessions = {}
-    for name, path in (("onnxruntime float32", float_path), ("onnxruntime int8", int8_path)):
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        sessions[name] = session
-    return sessions
+    return {
+        name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for name, path in onnx_models(keras_model, calibration, tmp).items()
+    }
 
 
 def main() -> None:
