@@ -17,6 +17,7 @@ machine is given beside it (interleaved rounds, medians) with the CPU's flags.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -124,7 +125,7 @@ def main() -> None:
     dataset = recorded_dataset(bundle.manifest["data"])
     train_x = to_model_inputs(dataset.splits["train"].images(), bundle.preprocess)
     calibration = representative_samples(train_x, 200, 0)
-    image = to_model_inputs(dataset.splits["test"].images()[:1], bundle.preprocess).astype(np.float32)
+    image = to_model_inputs(itertools.islice(dataset.splits["test"].images(), 1), bundle.preprocess)
     sparse = bool(bundle.manifest["models"]["tflite-float32"].get("sparse_encoding"))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
