@@ -98,7 +98,7 @@ def main() -> None:
             runner = TFLiteRunner(path, input_record=variant.input, output_record=variant.output, threads=2)
             runners.append(runner)
             scores = {s: probabilities(runner.logits(prepared.x[s]), activation) for s in ("val", "test")}
-            threshold = _matching_threshold(scores["val"], float_stage)
+            threshold = _matching_threshold(scores["val"], float_stage.scores["val"], float_stage.threshold)
             flips = {
                 s: float(np.mean(decisions(scores[s], threshold) != decisions(float_scores[s], bundle.threshold)))
                 for s in ("val", "test")

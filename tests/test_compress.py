@@ -70,12 +70,24 @@ def test_int8_post_training(parent, tmp_path):
     assert np.mean(agree) >= 0.9  # each at its own threshold, as deployed
 
 
-def test_distill_makes_a_small_student(parent, tmp_path):
+def test_distill_makes_a_small_student_that_keeps_the_parents_decisions(parent, tmp_path):
+    from edgedx._tf import keras
+    from edgedx.compress._pipeline import _matching_threshold
+    from edgedx.train import predict_scores
+
     result = compress(parent.path, tmp_path / "d", CompressConfig(distill=True, distill_epochs=3, quantize="none"))
     teacher, student = result.steps[0], result.steps[1]
     assert student["step"] == "distill" and student["parameters"] * 8 <= teacher["parameters"]
     assert student["test"]["auc"] > 0.9
     assert result.bundle.manifest["deploy"] == "tflite-float32"
+    # its threshold is the one that agrees most with the parent on validation data, not one of its own
+    x = to_model_inputs(recorded_dataset(parent.manifest["data"]).splits["val"].images(), parent.preprocess)
+    scores = [
+        predict_scores(keras.models.load_model(b.model_path("keras"), compile=False), x, "sigmoid")
+        for b in (result.bundle, parent)
+    ]
+    parent_threshold = parent.calibration("keras").uncalibrated_threshold(parent.threshold)
+    assert student["threshold"] == pytest.approx(_matching_threshold(*scores, parent_threshold))
 
 
 def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
@@ -346,18 +358,16 @@ def test_auto_precision_needs_a_device():
         CompressConfig(quantize="int8", device="host")
 
 
-def test_quantized_threshold_keeps_the_float_operating_point():
-    from edgedx.compress._pipeline import _matching_threshold, _Stage
+def test_compressed_threshold_keeps_the_reference_operating_point():
+    from edgedx.compress._pipeline import _matching_threshold
 
     rng = np.random.default_rng(0)
-    float_val = rng.random(400)
-    stage = _Stage(name="prune", keras_model=None, threshold=0.5, scores={"val": float_val, "test": float_val}, arch={})
-    shifted = float_val * 0.8 + 0.05  # a quantized model whose scores all moved down a little
-    threshold = _matching_threshold(shifted, stage)
+    reference = rng.random(400)
+    shifted = reference * 0.8 + 0.05  # a compressed model whose scores all moved down a little
+    threshold = _matching_threshold(shifted, reference, 0.5)
     assert abs(threshold - 0.45) < 0.01
-    assert np.array_equal(shifted >= threshold, float_val >= 0.5)
-    multiclass = _Stage(name="prune", keras_model=None, threshold=None, scores={"val": rng.random((10, 3))}, arch={})
-    assert _matching_threshold(rng.random((10, 3)), multiclass) is None
+    assert np.array_equal(shifted >= threshold, reference >= 0.5)
+    assert _matching_threshold(rng.random((10, 3)), rng.random((10, 3)), None) is None  # multi-class: argmax
 
 
 def test_when_no_int8_meets_the_budgets_one_validation_case_does_not_buy_float_ops():

@@ -144,44 +144,37 @@ def _tflite_scores(model: TFLiteModel, data: PreparedData, activation: str) -> d
         return {s: probabilities(runner.logits(data.x[s]), activation) for s in ("val", "test")}
 
 
-def _choose_threshold(stage_scores: np.ndarray, data: PreparedData, parent: Bundle) -> float | None:
-    if stage_scores.ndim != 1:
-        return None
-    policy = parent.manifest["threshold"]["policy"]
-    return clinical.choose_threshold(
-        data.y["val"],
-        stage_scores,
-        policy=policy,
-        target_sensitivity=parent.manifest["threshold"].get("target_sensitivity"),
-    )
+def _matching_threshold(
+    scores_val: np.ndarray, reference_val: np.ndarray, reference_threshold: float | None
+) -> float | None:
+    """The threshold at which a model's validation decisions agree most with a reference model's.
 
-
-def _matching_threshold(scores_val: np.ndarray, float_stage: _Stage) -> float | None:
-    """The threshold at which a quantized model's validation decisions agree most with its float model's.
-
-    Quantization can shift every score a little; keeping the float threshold then flips many cases
-    near it (11.9% of test cases for the default head-CT model, at an AUC cost of only 0.006). The
-    quantized model keeps its float model's operating point instead. Ties go to the candidate
-    closest to the float threshold. Validation data only.
+    Every compressed model keeps the operating point of the model it replaces this way: the
+    distilled or pruned student that of the parent bundle, a quantized model that of its float
+    model. Quantization can shift every score a little; keeping the float threshold then flipped
+    11.9% of test cases for the default head-CT model at an AUC cost of only 0.006. Choosing a
+    student's threshold afresh (Youden's J) traded sensitivity for specificity against its parent.
+    Ties go to the candidate closest to the reference threshold. Validation data only.
     """
-    if scores_val.ndim != 1 or float_stage.threshold is None:
-        return float_stage.threshold
-    wanted = decisions(float_stage.scores["val"], float_stage.threshold).astype(bool)
+    if scores_val.ndim != 1 or reference_threshold is None:
+        return reference_threshold
+    wanted = decisions(reference_val, reference_threshold).astype(bool)
     order = np.argsort(scores_val, kind="stable")
     ranked, wanted_ranked = scores_val[order], wanted[order]
-    positives_below = np.concatenate([[0], np.cumsum(wanted_ranked)])  # float positives among the i lowest
-    candidates = np.unique(np.append(scores_val, float_stage.threshold))
+    positives_below = np.concatenate([[0], np.cumsum(wanted_ranked)])  # reference positives among the i lowest
+    candidates = np.unique(np.append(scores_val, reference_threshold))
     below = np.searchsorted(ranked, candidates, side="left")  # cases a candidate calls negative
-    # agreement = float positives at or above the candidate + float negatives below it
+    # agreement = reference positives at or above the candidate + reference negatives below it
     agreement = (positives_below[-1] - positives_below[below]) + (below - positives_below[below])
     best = np.flatnonzero(agreement == agreement.max())
-    return float(candidates[best[np.argmin(np.abs(candidates[best] - float_stage.threshold))]])
+    return float(candidates[best[np.argmin(np.abs(candidates[best] - reference_threshold))]])
 
 
 def _validation_flips(scores_val: np.ndarray, float_stage: _Stage) -> float:
     """The fraction of validation decisions a quantized model changes, at its matched threshold."""
     wanted = decisions(float_stage.scores["val"], float_stage.threshold)
-    return float(np.mean(decisions(scores_val, _matching_threshold(scores_val, float_stage)) != wanted))
+    matched = _matching_threshold(scores_val, float_stage.scores["val"], float_stage.threshold)
+    return float(np.mean(decisions(scores_val, matched) != wanted))
 
 
 @dataclass(frozen=True)
@@ -270,7 +263,8 @@ def _row(stage: _Stage, run: _Run, seconds: float) -> dict:
         s: clinical.evaluate(data.y[s], stage.scores[s], stage.threshold, resamples=200, seed=seed)
         for s in ("val", "test")
     }
-    flips = float(np.mean(decisions(stage.scores["test"], stage.threshold) != run.parent_decisions))
+    parent_decisions = decisions(run.parent_scores["test"], run.parent_threshold)
+    flips = float(np.mean(decisions(stage.scores["test"], stage.threshold) != parent_decisions))
     return {
         "step": stage.name,
         "format": role_of(stage.tflite.precision) if stage.tflite else "keras (size as float32 TFLite)",
@@ -298,7 +292,8 @@ class _Run:
     data: PreparedData
     hflip: bool
     train_config: TrainConfig
-    parent_decisions: np.ndarray  # the parent's test decisions, which every step's flips count against
+    parent_scores: dict[str, np.ndarray]  # the parent's (uncalibrated) validation and test scores
+    parent_threshold: float | None  # on those scores
     progress: ProgressFn | None = None
     on_epoch: EpochFn | None = None
 
@@ -342,7 +337,7 @@ class _Run:
 
     def keras_stage(self, name: str, model, arch: dict[str, Any], began: float, notes: list[str]) -> _Stage:
         scores = self.scores(model)
-        threshold = _choose_threshold(scores["val"], self.data, self.parent)
+        threshold = _matching_threshold(scores["val"], self.parent_scores["val"], self.parent_threshold)
         return self.stage(name, began, keras_model=model, threshold=threshold, scores=scores, arch=arch, notes=notes)
 
 
@@ -410,7 +405,8 @@ def compress(
         data=prepared,
         hflip=dataset.hflip_ok,
         train_config=TrainConfig(**{**recipe, "windows": tuple(recipe["windows"])}),
-        parent_decisions=decisions(parent_scores["test"], parent_threshold),
+        parent_scores=parent_scores,
+        parent_threshold=parent_threshold,
         progress=progress,
         on_epoch=on_epoch,
     )
@@ -637,7 +633,7 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
         f"quantize-{config.quantize}",
         began,
         keras_model=float_model,
-        threshold=_matching_threshold(scores["val"], current),
+        threshold=_matching_threshold(scores["val"], current.scores["val"], current.threshold),
         scores=scores,
         arch=current.arch,
         tflite=deploy,
@@ -793,7 +789,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         f"quantize-auto:{model.precision}",
         began,
         keras_model=current.keras_model,
-        threshold=_matching_threshold(scores["val"], current),
+        threshold=_matching_threshold(scores["val"], current.scores["val"], current.threshold),
         scores=scores,
         arch=current.arch,
         tflite=model,
