@@ -7,12 +7,11 @@ module imports ``tf`` and ``keras`` from here. The runtime side never imports th
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import tempfile
 import warnings
 
+from ._quiet import native_logs_hidden, verbose
 from .errors import DependencyError
 
 if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
@@ -23,42 +22,12 @@ if "tensorflow" in sys.modules and os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         stacklevel=2,
     )
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
-#: Set to 1 to see TensorFlow's C++ log lines (``edgedx --verbose`` does).
-VERBOSE_ENV = "EDGEDX_TF_LOGS"
-_verbose = os.environ.get(VERBOSE_ENV) == "1"
 # ERROR too: TensorFlow logs "failed call to cuInit" and graph-attribute notices at that level on
 # every CPU-only machine, and a newcomer reads them as failures.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if _verbose else "3")
-
-
-@contextlib.contextmanager
-def _native_stderr_captured():
-    """Hide what TensorFlow's shared libraries write to file descriptor 2 while they load.
-
-    They log (oneDNN, CUDA stubs) before TF_CPP_MIN_LOG_LEVEL takes effect. The text is replayed
-    if the import fails, so a broken install still explains itself.
-    """
-    if _verbose:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            sys.stderr.write(captured.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose() else "3")
 
 try:
-    with _native_stderr_captured():
+    with native_logs_hidden():  # TensorFlow's libraries log while loading, before that variable applies
         import tensorflow as tf
         import tf_keras as keras
 except ImportError as exc:  # pragma: no cover - depends on the install

@@ -146,16 +146,18 @@ def test_tables_keep_every_figure_whole_in_a_narrow_log():
 @pytest.mark.tf
 @needs_tf
 def test_tensorflow_c_logs_are_silent_unless_asked_for(tmp_path):
-    """TensorFlow's C++ libraries log at load and while training (oneDNN, CUDA stubs, cuInit on a
-    CPU-only box); the CLI shows none of it unless EDGEDX_TF_LOGS=1."""
+    """TensorFlow's C++ libraries log at load, while training (oneDNN, CUDA stubs, cuInit on a CPU-only
+    box), converting to int8 and creating an interpreter; none of it shows unless EDGEDX_TF_LOGS=1."""
     import subprocess
     import sys
 
     code = (
         "from edgedx._tf import keras, tf; import numpy as np; "
-        "m = keras.Sequential([keras.layers.Dense(1, input_shape=(2,))]); m.compile('adam', 'mse'); "
-        "ds = tf.data.Dataset.from_tensor_slices((np.ones((4, 2)), np.ones(4))).map(lambda a, b: (a, b), "
-        "num_parallel_calls=tf.data.AUTOTUNE).batch(2); m.fit(ds, verbose=0); print('trained')"
+        "m = keras.Sequential([keras.layers.Conv2D(2, 3, input_shape=(8, 8, 1))]); m.compile('adam', 'mse'); "
+        "ds = tf.data.Dataset.from_tensor_slices((np.ones((4, 8, 8, 1)), np.ones((4, 6, 6, 2)))).map("
+        "lambda a, b: (a, b), num_parallel_calls=tf.data.AUTOTUNE).batch(2); m.fit(ds, verbose=0); "
+        "from edgedx.compress.quantize import convert; "
+        "convert(m, 'int8', np.random.rand(4, 8, 8, 1).astype('float32')); print('trained')"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "EDGEDX_TF_LOGS")}
     quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -165,3 +167,19 @@ def test_tensorflow_c_logs_are_silent_unless_asked_for(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "EDGEDX_TF_LOGS": "1"}, cwd=tmp_path
     )
     assert loud.returncode == 0 and "I0000" in loud.stderr  # the same run, with TensorFlow's own lines
+
+
+def test_hiding_native_logs_keeps_everything_else(capfd, monkeypatch):
+    from edgedx._quiet import VERBOSE_ENV, native_logs_hidden
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    with native_logs_hidden():
+        os.write(2, b"I0000 00:00:1795893475.104834   14688 port.cc:153] oneDNN custom operations are on.\n")
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+        os.write(2, b"fully_quantize: 0, inference_type: 6, input_inference_type: INT8\n")
+        os.write(2, b"edgedx: a line of our own\n")
+    assert capfd.readouterr().err == "edgedx: a line of our own\n"
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    with native_logs_hidden():
+        os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+    assert "XNNPACK" in capfd.readouterr().err

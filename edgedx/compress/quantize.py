@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .._quiet import native_logs_hidden
 from ..errors import ConfigError
 from ..precision import PRECISIONS
 
@@ -88,7 +91,18 @@ def convert(model, precision: str, calibration: np.ndarray | None = None, *, spa
     sparse = sparse and PRECISIONS[precision].sparse_encoding
     if sparse:
         converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    return _describe(precision, converter.convert(), sparse)
+    with native_logs_hidden(), _converter_warnings_ignored():  # int8 prints "fully_quantize: 0, ..."
+        content = converter.convert()
+    return _describe(precision, content, sparse)
+
+
+@contextlib.contextmanager
+def _converter_warnings_ignored() -> Iterator[None]:
+    """The converter's own UserWarnings ("Statistics for quantized inputs were expected", the
+    debugger's "tf.lite.Interpreter is deprecated") are about TensorFlow's internals, not the model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
 
 
 def _calibration_samples(calibration: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
@@ -141,7 +155,8 @@ def int8_keeping_first_ops_float(
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=lambda: itertools.islice(samples(), 4)
     )
-    debugger.run()  # its per-layer statistics name the quantized ops' outputs in execution order
+    with native_logs_hidden(), _converter_warnings_ignored():
+        debugger.run()  # its per-layer statistics name the quantized ops' outputs in execution order
     dump = io.StringIO()
     debugger.layer_statistics_dump(dump)
     op_outputs = [row["tensor_name"] for row in csv.DictReader(io.StringIO(dump.getvalue()))]
@@ -151,7 +166,8 @@ def int8_keeping_first_ops_float(
         kept = tuple(op_outputs[:count])
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(kept), fully_quantize=True)
         debugger.options = options
-        content = debugger.get_nondebug_quantized_model()
+        with native_logs_hidden(), _converter_warnings_ignored():
+            content = debugger.get_nondebug_quantized_model()
         if sparse:
             # what the converter itself does for Optimize.EXPERIMENTAL_SPARSITY after quantizing
             from tensorflow.lite.python.convert import mlir_sparsify

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .._quiet import native_logs_hidden
 from ..errors import DependencyError
 
 #: Backend label -> (module, class); tried in this order when no backend is named.
@@ -36,8 +37,9 @@ class Backend:
 
     def create(self, model_path: str, threads: int | None) -> Any:
         try:
-            interpreter = self.interpreter_class(model_path=model_path, num_threads=threads)
-            interpreter.allocate_tensors()
+            with native_logs_hidden():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+                interpreter = self.interpreter_class(model_path=model_path, num_threads=threads)
+                interpreter.allocate_tensors()
         except SystemError as exc:  # tflite-runtime 2.14 built against numpy 1 fails this way on numpy 2
             raise BackendUnavailable(
                 f"the {self.name} interpreter does not work with this numpy ({exc}); "
