@@ -296,6 +296,7 @@ class _Run:
     parent_threshold: float | None  # on those scores
     progress: ProgressFn | None = None
     on_epoch: EpochFn | None = None
+    on_step: StepFn | None = None  # every step, --target-kb candidates' too
 
     @property
     def activation(self) -> str:
@@ -333,6 +334,8 @@ class _Run:
         """A step's result with its report row (measured now, timed from ``began``)."""
         stage = _Stage(name=name, **fields)
         stage.row = _row(stage, self, time.perf_counter() - began)
+        if self.on_step and name != "parent":
+            self.on_step(stage.row)
         return stage
 
     def keras_stage(self, name: str, model, arch: dict[str, Any], began: float, notes: list[str]) -> _Stage:
@@ -409,6 +412,7 @@ def compress(
         parent_threshold=parent_threshold,
         progress=progress,
         on_epoch=on_epoch,
+        on_step=on_step,
     )
     parent_arch = {"name": manifest["arch"]["name"], "width": manifest["arch"].get("width")}
     stages = [
@@ -422,27 +426,19 @@ def compress(
         )
     ]
 
-    def advance(step: Callable[[_Run, _Stage], _Stage]) -> None:
-        stages.append(step(run, stages[-1]))
-        if on_step:
-            on_step(stages[-1].row)
-
-    search = None
     if config.target_kb is not None:
         chosen, search = _search_under_budget(run, stages[0])
-        for stage in chosen:
-            stages.append(stage)
-            if on_step:
-                on_step(stage.row)
+        stages += chosen
     else:
-        if config.distill:
-            advance(_distill)
-        if config.prune:
-            advance(_prune)
-        if config.quantize == "auto":
-            advance(_auto_precision)
-        elif config.quantize != "none":
-            advance(_quantize)
+        search = None
+        for wanted, step in (
+            (config.distill, _distill),
+            (config.prune, _prune),
+            (config.quantize == "auto", _auto_precision),
+            (config.quantize not in ("auto", "none"), _quantize),
+        ):
+            if wanted:
+                stages.append(step(run, stages[-1]))
     float_stage = next(s for s in reversed(stages) if s.tflite is None)
     float_tflite = convert(float_stage.keras_model, "float32", sparse=_pruned(float_stage.arch))
     loss = _loss_against_parent(run, [s.row for s in stages])
