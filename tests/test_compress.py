@@ -462,3 +462,14 @@ def test_auto_precision_breaks_latency_ties_by_size():
     assert winner is int8 and tied == [dynamic, int8]  # 2% slower, 30% smaller
     winner, tied = _fastest_then_smallest([float32, dynamic, candidate("int8", 1.2, 70_000)])
     assert winner is dynamic and tied == [dynamic]
+
+
+def test_search_spreads_its_candidates_from_widest_to_narrowest():
+    from edgedx.compress.search import SizedCandidate, spread
+
+    sized = [SizedCandidate(w, s, 1000, 900) for w, s in ((0.75, 0.9), (0.5, 0.8), (0.35, 0.6), (0.25, 0.0))]
+    picked = [c.width for c in spread(sized, 3)]
+    assert len(set(picked)) == 3 and picked[0] == 0.75 and picked[-1] == 0.25  # both ends, one between
+    assert spread(sized, 10) == sized and spread(sized, 1) == [sized[0]]
+    with pytest.raises(ConfigError, match="at least one candidate"):
+        spread(sized, 0)
