@@ -492,7 +492,7 @@ def compress_command(
         ),
     ] = 1.0,
     prune: Annotated[bool, typer.Option("--prune", help="Magnitude-prune (tensorflow-model-optimization).")] = False,
-    sparsity: Annotated[float, typer.Option(help="Target fraction of zero weights.")] = 0.75,
+    sparsity: Annotated[float, typer.Option(help="Target fraction of zero weights.")] = 0.5,
     structure: Annotated[
         PruneStructure, typer.Option(help="unstructured, or 2:4 blocks.")
     ] = PruneStructure.unstructured,

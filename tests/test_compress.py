@@ -91,7 +91,9 @@ def test_distill_makes_a_small_student_that_keeps_the_parents_decisions(parent, 
 
 
 def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
-    result = compress(parent.path, tmp_path / "p", CompressConfig(prune=True, prune_epochs=3, quantize="dynamic"))
+    result = compress(
+        parent.path, tmp_path / "p", CompressConfig(prune=True, sparsity=0.75, prune_epochs=3, quantize="dynamic")
+    )
     dense, pruned = result.steps[0], result.steps[1]
     assert pruned["nonzero_parameters"] < 0.35 * dense["nonzero_parameters"]
     assert pruned["gzip_bytes"] < 0.5 * dense["gzip_bytes"]
@@ -130,7 +132,13 @@ def test_pruning_a_distilled_student_with_the_teacher_in_the_loop(parent, tmp_pa
 
     monkeypatch.setattr(distillation, "distiller", recording)
     config = CompressConfig(
-        distill=True, distill_epochs=2, prune=True, prune_epochs=3, prune_with_teacher=True, quantize="none"
+        distill=True,
+        distill_epochs=2,
+        prune=True,
+        sparsity=0.75,
+        prune_epochs=3,
+        prune_with_teacher=True,
+        quantize="none",
     )
     result = compress(parent.path, tmp_path / "dp", config)
     assert len(students) == 2  # the distillation step, then the pruning step
@@ -160,7 +168,9 @@ def test_two_four_structure(parent, tmp_path):
 
 def test_sparsity_survives_qat(parent, tmp_path):
     """Prune + QAT: the int8 file keeps (nearly) the pruned zeros (sparsity-preserving QAT)."""
-    config = CompressConfig(prune=True, prune_epochs=3, quantize="int8", qat=True, qat_epochs=1, max_auc_drop=0.5)
+    config = CompressConfig(
+        prune=True, sparsity=0.75, prune_epochs=3, quantize="int8", qat=True, qat_epochs=1, max_auc_drop=0.5
+    )
     result = compress(parent.path, tmp_path / "pq", config)
     assert any("sparsity-preserving QAT" in note for note in result.steps[-1]["notes"])
     assert _tflite_kernel_sparsity(result.bundle.model_path("tflite-int8")) >= 0.7

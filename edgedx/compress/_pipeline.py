@@ -52,7 +52,7 @@ class CompressConfig:
     mixup: float = 1.0  # distillation on mixed pairs of images too, Beta(mixup, mixup) weights; 0: off
     distill_epochs: int | None = None  # None: twice as many as the teacher trained for (a patient teacher)
     prune: bool = False
-    sparsity: float = 0.75
+    sparsity: float = 0.5  # of the pruned kernels; 0.75 lost 0.016 validation AUC in the main job
     structure: str = "unstructured"
     layer_sparsity: str = "erk"  # how the unstructured target is shared among layers: erk or uniform
     prune_epochs: int = 8
