@@ -152,10 +152,10 @@ def int8_keeping_first_ops_float(
     converter = _converter(model, "int8", calibration)
     # the float ops need the float kernels beside the int8 ones
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=lambda: itertools.islice(samples(), 4)
-    )
-    with native_logs_hidden(), _converter_warnings_ignored():
+    with native_logs_hidden(), _converter_warnings_ignored():  # it converts and interprets as it is made
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: itertools.islice(samples(), 4)
+        )
         debugger.run()  # its per-layer statistics name the quantized ops' outputs in execution order
     dump = io.StringIO()
     debugger.layer_statistics_dump(dump)
@@ -165,8 +165,8 @@ def int8_keeping_first_ops_float(
             return
         kept = tuple(op_outputs[:count])
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(kept), fully_quantize=True)
-        debugger.options = options
         with native_logs_hidden(), _converter_warnings_ignored():
+            debugger.options = options  # re-quantizes, and makes a new debug interpreter
             content = debugger.get_nondebug_quantized_model()
         if sparse:
             # what the converter itself does for Optimize.EXPERIMENTAL_SPARSITY after quantizing
