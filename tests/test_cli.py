@@ -153,8 +153,9 @@ def test_tensorflow_c_logs_are_silent_unless_asked_for(tmp_path):
 
     code = (
         "from edgedx._tf import keras, tf; import numpy as np; "
-        "m = keras.Sequential([keras.layers.Conv2D(2, 3, input_shape=(8, 8, 1))]); m.compile('adam', 'mse'); "
-        "ds = tf.data.Dataset.from_tensor_slices((np.ones((4, 8, 8, 1)), np.ones((4, 6, 6, 2)))).map("
+        "m = keras.Sequential([keras.layers.Conv2D(2, 3, input_shape=(8, 8, 1)), keras.layers.Conv2D(2, 3)]); "
+        "m.compile('adam', 'mse'); "
+        "ds = tf.data.Dataset.from_tensor_slices((np.ones((4, 8, 8, 1)), np.ones((4, 4, 4, 2)))).map("
         "lambda a, b: (a, b), num_parallel_calls=tf.data.AUTOTUNE).batch(2); m.fit(ds, verbose=0); "
         "from edgedx.compress.quantize import convert, int8_keeping_first_ops_float; "
         "x = np.random.rand(4, 8, 8, 1).astype('float32'); convert(m, 'int8', x); "
