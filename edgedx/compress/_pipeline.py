@@ -22,7 +22,7 @@ from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import PRECISIONS, QUANTIZE_CHOICES, role_of
 from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
-from .prune import DISTRIBUTIONS, STRUCTURES
+from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
 from .quantize import TFLiteModel
 
 #: ``--quantize auto`` tries these, measured on the device; float32 always passes the guard.
@@ -623,7 +623,7 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
         )
         deploy, scores, drop = converted(qat_model)
         kind = "sparsity-preserving QAT" if config.prune else "QAT"
-        zeros = f", {_kernel_sparsity(qat_model):.1%} of kernel weights zero" if config.prune else ""
+        zeros = f", {kernel_sparsity(qat_model):.1%} of kernel weights zero" if config.prune else ""
         notes.append(f"{kind} {config.qat_epochs} epochs: validation AUC drop {drop:+.4f}{zeros}")
     return run.stage(
         f"quantize-{config.quantize}",
@@ -635,12 +635,6 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
         tflite=deploy,
         notes=notes,
     )
-
-
-def _kernel_sparsity(model) -> float:
-    from .prune import kernel_sparsity
-
-    return kernel_sparsity(model)
 
 
 def _loss_against_parent(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
