@@ -15,7 +15,6 @@ class Precision:
     name: str
     role: str
     label: str
-    needs_calibration_data: bool = False  # int8 activations need representative inputs
     # whether a pruned model can be stored in TFLite's sparse tensor encoding: LiteRT's XNNPACK
     # delegate fails to prepare dynamic-range convolutions stored that way ("failed to delegate CONV_2D")
     sparse_encoding: bool = True
@@ -25,7 +24,7 @@ class Precision:
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
-        Precision("int8", "tflite-int8", "full int8", needs_calibration_data=True),
+        Precision("int8", "tflite-int8", "full int8"),
         Precision("dynamic", "tflite-dynamic", "dynamic-range int8", sparse_encoding=False),
         Precision("float16", "tflite-float16", "float16"),
         Precision("float32", "tflite-float32", "float32"),
@@ -45,10 +44,6 @@ def role_of(precision: str) -> str:
 def precision_of_role(role: str) -> Precision | None:
     """The precision of a bundle's TFLite model role, or None (the Keras model)."""
     return _BY_ROLE.get(role)
-
-
-def tflite_roles() -> tuple[str, ...]:
-    return tuple(_BY_ROLE)
 
 
 def deployed_role(roles: Iterable[str], deploy: str | None) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import gzip
 import math
 import tempfile
@@ -125,6 +126,7 @@ class _Stage:
     scores: dict[str, np.ndarray]
     arch: dict[str, Any]
     tflite: TFLiteModel | None = None
+    float32: TFLiteModel | None = None  # a Keras stage's float32 TFLite, converted once (size, deployment)
     notes: list[str] = field(default_factory=list)
     row: dict[str, Any] = field(default_factory=dict)  # the step report, filled in by _Run.stage
     auto_precision: dict[str, Any] | None = None  # --quantize auto: every candidate and the choice
@@ -253,18 +255,15 @@ def _pruned(arch: dict[str, Any]) -> bool:
 
 def _row(stage: _Stage, run: _Run, seconds: float) -> dict:
     from ..models import count_macs, count_parameters
-    from .quantize import convert
 
     params, nonzero = count_parameters(stage.keras_model)
-    sparse = _pruned(stage.arch)  # stored in the sparse encoding it deploys with
-    content = stage.tflite.content if stage.tflite else convert(stage.keras_model, "float32", sparse=sparse).content
+    content = (stage.tflite or stage.float32).content
     data, seed = run.data, run.config.seed
     measured = {
         s: clinical.evaluate(data.y[s], stage.scores[s], stage.threshold, resamples=200, seed=seed)
         for s in ("val", "test")
     }
-    parent_decisions = decisions(run.parent_scores["test"], run.parent_threshold)
-    flips = float(np.mean(decisions(stage.scores["test"], stage.threshold) != parent_decisions))
+    flips = float(np.mean(decisions(stage.scores["test"], stage.threshold) != run.parent_decisions))
     return {
         "step": stage.name,
         "format": role_of(stage.tflite.precision) if stage.tflite else "keras (size as float32 TFLite)",
@@ -302,6 +301,11 @@ class _Run:
     def activation(self) -> str:
         return self.parent.manifest["task"]["activation"]
 
+    @functools.cached_property
+    def parent_decisions(self) -> np.ndarray:
+        """The parent's test decisions, which every step's flips count against."""
+        return decisions(self.parent_scores["test"], self.parent_threshold)
+
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.data.y["train"]) / self.train_config.batch_size)
@@ -331,8 +335,16 @@ class _Run:
         return representative_samples(self.data.x["train"], self.config.calibration_samples, self.config.seed)
 
     def stage(self, name: str, began: float, **fields: Any) -> _Stage:
-        """A step's result with its report row (measured now, timed from ``began``)."""
+        """A step's result with its report row (measured now, timed from ``began``).
+
+        A Keras stage is converted to float32 TFLite here, once: in the sparse encoding it would
+        deploy with, for its size in the report and, for the last one, the bundle.
+        """
+        from .quantize import convert
+
         stage = _Stage(name=name, **fields)
+        if stage.tflite is None:
+            stage.float32 = convert(stage.keras_model, "float32", sparse=_pruned(stage.arch))
         stage.row = _row(stage, self, time.perf_counter() - began)
         if self.on_step and name != "parent":
             self.on_step(stage.row)
@@ -375,7 +387,6 @@ def compress(
             against the parent (and ``config.accept_loss`` is not set); nothing is written.
     """
     from .._tf import keras, tf
-    from .quantize import convert
 
     start = time.perf_counter()
     out = Path(out)
@@ -440,14 +451,12 @@ def compress(
             if wanted:
                 stages.append(step(run, stages[-1]))
     float_stage = next(s for s in reversed(stages) if s.tflite is None)
-    float_tflite = convert(float_stage.keras_model, "float32", sparse=_pruned(float_stage.arch))
     loss = _loss_against_parent(run, [s.row for s in stages])
     return _write(
         out,
         run=run,
         stages=stages,
         float_stage=float_stage,
-        float_tflite=float_tflite,
         loss=loss,
         search=search,
         seconds=time.perf_counter() - start,
@@ -496,7 +505,6 @@ def _search_under_budget(run: _Run, parent: _Stage) -> tuple[list[_Stage], _Sear
             stages.append(_prune(trial, stages[-1]))
         stages.append(_quantize(trial, stages[-1]))
         final = stages[-1].row
-        drops = {k: parent.row["val"][k] - final["val"][k] for k in ("auc", "sensitivity")}
         rows.append(
             {
                 "width": candidate.width,
@@ -509,8 +517,7 @@ def _search_under_budget(run: _Run, parent: _Stage) -> tuple[list[_Stage], _Sear
                 "val_sensitivity": final["val"]["sensitivity"],
                 "test_auc": final["test"]["auc"],
                 "within_budget": final["bytes"] <= budget,
-                "within_limits": drops["auc"] <= config.max_auc_drop + 1e-12
-                and not drops["sensitivity"] > config.max_sensitivity_drop + 1e-12,
+                "within_limits": not _over_limits(parent.row["val"], final["val"], config),
                 "seconds": round(sum(s.row["seconds"] for s in stages), 1),
             }
         )
@@ -648,8 +655,8 @@ def _loss_against_parent(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any
     drops = {
         split: {k: parent[split][k] - final[split][k] for k in ("auc", "sensitivity")} for split in ("val", "test")
     }
-    limits = {"auc": config.max_auc_drop, "sensitivity": config.max_sensitivity_drop}
-    over = [k for k, limit in limits.items() if np.isfinite(drops["val"][k]) and drops["val"][k] > limit + 1e-12]
+    limits = _limits(config)
+    over = _over_limits(parent["val"], final["val"], config)
     record = {
         "parent": run.parent.name,
         "val_auc_drop": drops["val"]["auc"],
@@ -674,6 +681,19 @@ def _loss_against_parent(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any
             "anyway with --accept-loss (the manifest records the loss)"
         )
     return record
+
+
+def _limits(config: CompressConfig) -> dict[str, float]:
+    return {"auc": config.max_auc_drop, "sensitivity": config.max_sensitivity_drop}
+
+
+def _over_limits(parent_val: dict[str, float], final_val: dict[str, float], config: CompressConfig) -> list[str]:
+    """The validation figures (``auc``, ``sensitivity``) that dropped more than the config allows."""
+    return [
+        k
+        for k, limit in _limits(config).items()
+        if np.isfinite(parent_val[k] - final_val[k]) and parent_val[k] - final_val[k] > limit + 1e-12
+    ]
 
 
 def steps_cost_table(rows: list[dict[str, Any]]) -> str:
@@ -716,7 +736,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
 
     began, config, prepared = time.perf_counter(), run.config, run.data
     profile = load_profile(config.device)
-    float_tflite = convert(current.keras_model, "float32", sparse=_pruned(current.arch))
+    float_tflite = current.float32
     calibration = run.calibration_inputs()
     reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
     candidates, models = [], {}
@@ -805,7 +825,6 @@ def _write(
     run: _Run,
     stages: list[_Stage],
     float_stage: _Stage,
-    float_tflite: TFLiteModel,
     loss: dict[str, Any],
     search: _Search | None,
     seconds: float,
@@ -814,7 +833,7 @@ def _write(
     from ..models import count_macs, count_parameters
 
     parent, manifest, config, prepared = run.parent, run.parent.manifest, run.config, run.data
-    final = stages[-1]
+    final, float_tflite = stages[-1], float_stage.float32
     deploy = final.tflite or float_tflite
     rows = [s.row for s in stages]
     float_model = float_stage.keras_model

@@ -91,16 +91,17 @@ def convert(model, precision: str, calibration: np.ndarray | None = None, *, spa
     sparse = sparse and PRECISIONS[precision].sparse_encoding
     if sparse:
         converter.optimizations = [*converter.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    with native_logs_hidden(), _converter_warnings_ignored():  # int8 prints "fully_quantize: 0, ..."
+    with _quiet_converter():  # int8 prints "fully_quantize: 0, ..."
         content = converter.convert()
     return _describe(precision, content, sparse)
 
 
 @contextlib.contextmanager
-def _converter_warnings_ignored() -> Iterator[None]:
-    """The converter's own UserWarnings ("Statistics for quantized inputs were expected", the
-    debugger's "tf.lite.Interpreter is deprecated") are about TensorFlow's internals, not the model."""
-    with warnings.catch_warnings():
+def _quiet_converter() -> Iterator[None]:
+    """The converter's native log lines ("fully_quantize: 0, ...") and its own UserWarnings
+    ("Statistics for quantized inputs were expected", the debugger's "tf.lite.Interpreter is
+    deprecated") are about TensorFlow's internals, not the model: kept off the terminal."""
+    with native_logs_hidden(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         yield
 
@@ -152,7 +153,7 @@ def int8_keeping_first_ops_float(
     converter = _converter(model, "int8", calibration)
     # the float ops need the float kernels beside the int8 ones
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    with native_logs_hidden(), _converter_warnings_ignored():  # it converts and interprets as it is made
+    with _quiet_converter():  # it converts and interprets as it is made
         debugger = tf.lite.experimental.QuantizationDebugger(
             converter=converter, debug_dataset=lambda: itertools.islice(samples(), 4)
         )
@@ -165,7 +166,7 @@ def int8_keeping_first_ops_float(
             return
         kept = tuple(op_outputs[:count])
         options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(kept), fully_quantize=True)
-        with native_logs_hidden(), _converter_warnings_ignored():
+        with _quiet_converter():
             debugger.options = options  # re-quantizes, and makes a new debug interpreter
             content = debugger.get_nondebug_quantized_model()
         if sparse:
