@@ -122,18 +122,18 @@ def main() -> None:
 
     bundle = read_bundle(args.bundle)
     keras_model = keras.models.load_model(bundle.model_path("keras"), compile=False)
-    dataset = recorded_dataset(bundle.manifest["data"])
+    dataset = recorded_dataset(bundle.manifest.data or {})
     train_x = to_model_inputs(dataset.splits["train"].images(), bundle.preprocess)
     calibration = representative_samples(train_x, 200, 0)
     image = to_model_inputs(itertools.islice(dataset.splits["test"].images(), 1), bundle.preprocess)
-    sparse = bool(bundle.manifest["models"]["tflite-float32"].get("sparse_encoding"))
+    sparse = bundle.model_record("tflite-float32").sparse_encoding
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         np.save(tmp / "image.npy", image)
         engines: dict[str, tuple[str, Path]] = {}
         for precision in ("float32", "float16", "dynamic", "int8"):
             role = f"tflite-{precision}"
-            if role in bundle.manifest["models"]:
+            if role in bundle.manifest.models:
                 path = bundle.model_path(role)
             else:
                 path = tmp / f"{precision}.tflite"
@@ -158,7 +158,7 @@ def main() -> None:
     flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
     result = {
         "bundle": bundle.name,
-        "macs": bundle.manifest["arch"]["macs"],
+        "macs": bundle.manifest.arch.macs,
         "runs": args.runs,
         "native_cpu_flags": sorted(f for f in flags if f.startswith(("avx", "fma"))),
         "rows": rows,

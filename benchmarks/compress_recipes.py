@@ -43,11 +43,11 @@ def main() -> None:
     from edgedx.train import TrainConfig, fit, predict_scores, prepare_data
 
     bundle = read_bundle(args.teacher)
-    recipe = bundle.manifest["training"]["config"]
+    recipe = bundle.manifest.training.config
     train_config = TrainConfig(**{**recipe, "windows": tuple(recipe["windows"])})
-    dataset = recorded_dataset(bundle.manifest["data"], args.data)
+    dataset = recorded_dataset(bundle.manifest.data or {}, args.data)
     data = prepare_data(dataset, bundle.preprocess)
-    activation = bundle.manifest["task"]["activation"]
+    activation = bundle.manifest.task.activation
     teacher = keras.models.load_model(bundle.model_path("keras"), compile=False)
     steps_per_epoch = math.ceil(len(data.y["train"]) / train_config.batch_size)
     for text in args.variants.split(","):
@@ -60,7 +60,7 @@ def main() -> None:
             epochs = int(options.get("epochs", 20))
             student, _ = distill.choose_student(
                 teacher,
-                bundle.manifest["arch"]["name"],
+                bundle.manifest.arch.name,
                 len(bundle.class_names),
                 width=float(options.get("width", 0.35)),
             )

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -55,14 +56,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgedx._tf import tf  # sets TF_USE_LEGACY_KERAS before TensorFlow loads; tf for the version only
+    from edgedx.bundle import read_bundle
     from edgedx.compress import CompressConfig, compress
-    from edgedx.data import default_dataset, load_dataset
+    from edgedx.data import default_dataset, load_dataset, recorded_dataset
     from edgedx.train import TrainConfig, train
 
     if args.data:
         dataset = load_dataset(args.data)
     elif args.teacher:  # what the teacher was trained on
-        dataset = load_dataset(json.loads((args.teacher / "manifest.json").read_text())["data"]["source"])
+        dataset = recorded_dataset(read_bundle(args.teacher).manifest.data or {})
     else:
         dataset = default_dataset()
     name = Path(args.data).stem if args.data else "headct-default"
@@ -86,17 +88,17 @@ def main() -> None:
     steps = {}
     for key, config in runs.items():
         if (work / key / "manifest.json").is_file():  # --reuse: a finished run from before
-            steps[key] = json.loads((work / key / "manifest.json").read_text())["compression"]["steps"]
+            steps[key] = list(read_bundle(work / key).manifest.compression.steps)
         else:
             steps[key] = compress(teacher, work / key, config, data=data).steps
     parent = steps["int8"][0]
 
-    student = json.loads((work / "distill" / "manifest.json").read_text())["arch"]
-    teacher_config = json.loads((Path(teacher) / "manifest.json").read_text())["training"]["config"]
+    student = asdict(read_bundle(work / "distill").manifest.arch)
+    teacher_config = read_bundle(teacher).manifest.training.config
     labels_dir = work / "labels-only"
     if (labels_dir / "manifest.json").is_file():
-        labels_manifest = json.loads((labels_dir / "manifest.json").read_text())
-        labels_test, labels_seconds = labels_manifest["metrics"]["test"], labels_manifest["training"]["seconds"]
+        labels_manifest = read_bundle(labels_dir).manifest
+        labels_test, labels_seconds = labels_manifest.metrics["test"], labels_manifest.training.seconds
     else:
         config = {**teacher_config, "windows": tuple(teacher_config["windows"])}
         config |= {"arch": student["name"], "width": student["width"]}

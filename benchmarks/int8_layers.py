@@ -60,18 +60,20 @@ def main() -> None:
         int8_keeping_first_ops_float,
         representative_samples,
     )
-    from edgedx.data import load_dataset
+    from edgedx.data import recorded_dataset
     from edgedx.outputs import decisions, probabilities
     from edgedx.runtime import TFLiteRunner
     from edgedx.train import predict_scores, prepare_data
 
     bundle = read_bundle(args.bundle)
-    activation = bundle.manifest["task"]["activation"]
-    prepared = prepare_data(load_dataset(bundle.manifest["data"]["source"]), bundle.preprocess, None)
+    activation = bundle.manifest.task.activation
+    prepared = prepare_data(recorded_dataset(bundle.manifest.data or {}), bundle.preprocess, None)
     model = keras.models.load_model(bundle.model_path("keras"), compile=False)
     calibration = representative_samples(prepared.x["train"], 200, seed=0)  # as compress calibrates
     float_scores = {s: predict_scores(model, prepared.x[s], activation) for s in ("val", "test")}
-    float_stage = _Stage(name="float", keras_model=model, threshold=bundle.threshold, scores=float_scores, arch={})
+    float_stage = _Stage(
+        name="float", keras_model=model, threshold=bundle.threshold, scores=float_scores, arch=bundle.manifest.arch
+    )
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +119,7 @@ def main() -> None:
 
     from edgedx._tf import keras, tf  # sets TF_USE_LEGACY_KERAS before tf2onnx imports TensorFlow
     from edgedx.bundle import read_bundle
-    from edgedx.data import load_dataset
+    from edgedx.data import recorded_dataset
     from edgedx.outputs import probabilities
     from edgedx.preprocess import to_model_inputs
     from edgedx.runtime import Model, load_backend
@@ -126,8 +127,8 @@ def main() -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     bundle = read_bundle(args.bundle)
-    activation = bundle.manifest["task"]["activation"]
-    dataset = load_dataset(bundle.manifest["data"]["source"])
+    activation = bundle.manifest.task.activation
+    dataset = recorded_dataset(bundle.manifest.data or {})
     test, train = dataset.splits["test"], dataset.splits["train"]
     x = to_model_inputs([test.read(i) for i in range(min(64, len(test)))], bundle.preprocess)
     rng = np.random.default_rng(0)
@@ -249,7 +250,7 @@ def main() -> None:
     )
     result = {
         "bundle": str(bundle.path),
-        "arch": bundle.manifest["arch"],
+        "arch": asdict(bundle.manifest.arch) if bundle.manifest.arch else None,
         "input_shape": list(x.shape[1:]),
         "threads": args.threads,
         "cores": os.cpu_count(),

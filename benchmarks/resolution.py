@@ -34,7 +34,7 @@ def main() -> None:
             row = {
                 "size": size,
                 "epochs": args.epochs,
-                "epochs_run": result.bundle.manifest["training"]["epochs_run"],
+                "epochs_run": result.bundle.manifest.training.epochs_run,
                 "seconds": round(time.perf_counter() - began, 1),
                 "test_mean_auc": test["mean_auc"],
                 "per_label": {k: [v["auc"], v.get("auc_ci95")] for k, v in test["per_label"].items()},

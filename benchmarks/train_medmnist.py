@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,16 +49,18 @@ def run(flavour: str, work: Path, extra: list[str]) -> dict:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
     report = json.loads(proc.stdout)
-    manifest = json.loads((out / "manifest.json").read_text())
+    from edgedx.bundle import read_bundle
+
+    manifest = read_bundle(out).manifest
     import tensorflow as tf  # only for the version in the file name
 
     return {
         "command": " ".join(["edgedx", "train", "--data", f"../shared/data/{flavour}.npz", "--out", "OUT", *extra]),
         "wall_seconds": round(seconds, 1),
         "cores": os.cpu_count(),
-        "arch": manifest["arch"],
-        "epochs_run": manifest["training"]["epochs_run"],
-        "best_epoch": manifest["training"]["best_epoch"],
+        "arch": asdict(manifest.arch),
+        "epochs_run": manifest.training.epochs_run,
+        "best_epoch": manifest.training.best_epoch,
         "threshold": report["threshold"],
         "metrics": report["metrics"],
         "published": PUBLISHED.get(flavour, {}),

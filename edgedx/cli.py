@@ -373,34 +373,30 @@ def info_command(
         b = read_bundle(bundle)
     m = b.manifest
     if as_json:
-        console.print_json(data=m)
+        console.print_json(data=m.to_dict())
         return
     spec = b.preprocess
-    arch = m.get("arch", {})
-    console.print(
-        f"[bold]{b.name}[/bold]  (edgedx bundle v{m['format_version']}, made by edgedx {m['edgedx_version']})"
-    )
-    console.print(
-        f"arch        {arch.get('name')}  {arch.get('parameters', 0):,} parameters, "
-        f"{arch.get('macs', 0) / 1e6:.1f} MMACs"
-    )
-    console.print(f"task        {m['task']['kind']}: {', '.join(m['task']['class_names'])}")
+    console.print(f"[bold]{b.name}[/bold]  (edgedx bundle v{m.format_version}, made by edgedx {m.edgedx_version})")
+    if m.arch:
+        console.print(f"arch        {m.arch.name}  {m.arch.parameters:,} parameters, {m.arch.macs / 1e6:.1f} MMACs")
+    console.print(f"task        {m.task.kind}: {', '.join(m.task.class_names)}")
     windows = ", ".join(f"{w.name} {w.center:g}/{w.width:g}" for w in spec.windows) or "grey levels"
-    console.print(f"input       {m['input']['shape']} {m['input']['dtype']}; {spec.input}: {windows}")
-    console.print(f"threshold   {_fmt(b.threshold)} ({m.get('threshold', {}).get('policy')})")
-    console.print(f"data        {m.get('data', {}).get('name')} from {m.get('data', {}).get('source')}")
+    console.print(f"input       {list(m.input.shape)} {m.input.dtype}; {spec.input}: {windows}")
+    console.print(f"threshold   {_fmt(b.threshold)} ({m.threshold.policy})")
+    data = m.data or {}
+    console.print(f"data        {data.get('name')} from {data.get('source')}")
     if b.synthetic_only:
         console.print("[bold yellow]trained on synthetic data only: not validated on real scans[/]")
-    guard = m.get("guard")
+    guard = m.guard
     if guard:
         rates = ", ".join(f"{split} {rate:.1%}" for split, rate in guard.get("flag_rate", {}).items())
         console.print(f"guard       {guard['components']} components; flags {rates}")
     else:
         console.print("guard       none (a bundle made before guards): every input is classified")
-    for role, rec in m["models"].items():
-        console.print(f"model       {role}: {rec['file']} {rec['bytes']:,} bytes sha256 {rec['sha256'][:16]}")
-    if m.get("metrics"):
-        _print_table(_metrics_table("metrics", m["metrics"]))
+    for role, rec in m.models.items():
+        console.print(f"model       {role}: {rec.file} {rec.bytes:,} bytes sha256 {rec.sha256[:16]}")
+    if m.metrics:
+        _print_table(_metrics_table("metrics", m.metrics))
     console.print("checksums   all files match the manifest")
 
 
@@ -631,19 +627,19 @@ def compress_command(
     for row in result.steps:
         for note in row["notes"]:
             console.print(f"  {row['step']}: {note}", highlight=False)
-    search = result.bundle.manifest["compression"].get("search")
-    if search:
-        _print_table(_search_table(search))
-    loss = result.bundle.manifest["compression"]["loss_against_parent"]
-    verdict = "within" if loss["within_limits"] else "MORE than allowed, written because of --accept-loss:"
+    compression = result.bundle.manifest.compression
+    if compression.search:
+        _print_table(_search_table(compression.search))
+    loss = compression.loss_against_parent
+    verdict = "within" if loss.within_limits else "MORE than allowed, written because of --accept-loss:"
     console.print(
-        f"against {bundle.name} on validation data: AUC {-loss['val_auc_drop']:+.4f}, sensitivity "
-        f"{-loss['val_sensitivity_drop']:+.4f} ({verdict} --max-auc-drop {loss['max_auc_drop']}, "
-        f"--max-sensitivity-drop {loss['max_sensitivity_drop']})",
+        f"against {bundle.name} on validation data: AUC {-loss.val_auc_drop:+.4f}, sensitivity "
+        f"{-loss.val_sensitivity_drop:+.4f} ({verdict} --max-auc-drop {loss.max_auc_drop}, "
+        f"--max-sensitivity-drop {loss.max_sensitivity_drop})",
         highlight=False,
     )
     console.print(
-        f"bundle written to {result.bundle.path} in {result.seconds:.0f}s (deploys {result.bundle.manifest['deploy']})"
+        f"bundle written to {result.bundle.path} in {result.seconds:.0f}s (deploys {result.bundle.manifest.deploy})"
     )
 
 

@@ -7,7 +7,6 @@ the training split, so the runtime replays them exactly from the bundle's spec. 
 
 from __future__ import annotations
 
-import datetime as dt
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,7 +18,18 @@ from typing import Any
 import numpy as np
 
 from . import metrics as clinical
-from .bundle import Bundle, read_bundle, write_bundle
+from .bundle import (
+    ArchRecord,
+    Bundle,
+    InputRecord,
+    Manifest,
+    ModelRecord,
+    TaskRecord,
+    ThresholdRecord,
+    TrainingRecord,
+    read_bundle,
+    write_bundle,
+)
 from .calibration import Calibration, fit_to_labels
 from .data import Dataset, prepare_split
 from .errors import ConfigError, DataError
@@ -353,7 +363,12 @@ def train(
     if parent is not None:
         _check_parent(parent, dataset)
         spec = parent.preprocess  # the parent's inputs, normalisation included
-        config = replace(config, arch=parent.manifest["arch"]["name"], width=parent.manifest["arch"].get("width"))
+        arch = parent.manifest.arch
+        if arch is None:
+            raise ConfigError(
+                f"{parent.path}: --init needs a bundle that records its architecture (one made by edgedx train)"
+            )
+        config = replace(config, arch=arch.name, width=arch.width)
     else:
         spec = training_spec(dataset, config.input_size or dataset.default_size, config.windows)
     data = prepare_data(dataset, spec, progress)
@@ -374,48 +389,34 @@ def train(
     params, nonzero = count_parameters(model)
     seconds = time.perf_counter() - start
     best = max(history, key=lambda row: row["val_auc"])
-    manifest = {
-        "name": out.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "arch": {
-            "name": config.arch,
-            "width": config.width,
-            "parameters": params,
-            "nonzero_parameters": nonzero,
-            "macs": count_macs(model),
-        },
-        "task": {
-            "kind": dataset.task,
-            "class_names": list(dataset.class_names),
-            "output": "logits",
-            "activation": activation,
-        },
-        "input": {
-            "shape": [1, data.spec.size, data.spec.size, data.spec.channels],
-            "dtype": "float32",
-            "modality": _modalities(dataset),
-        },
-        "preprocess": data.spec.to_dict(),
-        "threshold": {
-            "value": threshold,
-            "policy": config.threshold_policy if threshold is not None else "argmax",
-            "target_sensitivity": config.target_sensitivity,
-        },
-        "models": {"keras": {"calibration": calibration.to_dict()}},
-        "guard": guard.summary(),
-        "data": {**dataset.summary(), "fingerprint": data.fingerprints},
-        "training": {
-            "config": asdict(config),
-            "epochs_run": len(history),
-            "best_epoch": best["epoch"],
-            "seconds": round(seconds, 1),
-            "tensorflow": tf.__version__,
-            "workers": cluster.workers if cluster else 1,
-            **({"init": _parent_record(parent)} if parent is not None else {}),
-        },
-        "metrics": measured,
-        "intended_use": intended_use(dataset),
-    }
+    manifest = Manifest(
+        name=out.name,
+        arch=ArchRecord(
+            name=config.arch, width=config.width, parameters=params, nonzero_parameters=nonzero, macs=count_macs(model)
+        ),
+        task=TaskRecord(kind=dataset.task, class_names=tuple(dataset.class_names), activation=activation),
+        input=InputRecord(shape=(1, data.spec.size, data.spec.size, data.spec.channels), modality=_modalities(dataset)),
+        preprocess=data.spec,
+        threshold=ThresholdRecord(
+            value=threshold,
+            policy=config.threshold_policy if threshold is not None else "argmax",
+            target_sensitivity=config.target_sensitivity,
+        ),
+        models={"keras": ModelRecord(calibration=calibration)},
+        guard=guard.summary(),
+        data={**dataset.summary(), "fingerprint": data.fingerprints},
+        training=TrainingRecord(
+            config=asdict(config),
+            epochs_run=len(history),
+            best_epoch=best["epoch"],
+            seconds=round(seconds, 1),
+            tensorflow=tf.__version__,
+            workers=cluster.workers if cluster else 1,
+            init=parent.parent_record() if parent is not None else None,
+        ),
+        metrics=measured,
+        intended_use=intended_use(dataset),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_file = Path(tmp) / "model.keras"
         deployable = keras.models.clone_model(model)  # uncompiled: no optimizer state in the bundle
@@ -438,8 +439,8 @@ def intended_use(dataset: Dataset) -> str:
     return INTENDED_USE
 
 
-def _modalities(dataset: Dataset) -> list[str] | None:
-    return ["CT"] if dataset.input == "hu" else None
+def _modalities(dataset: Dataset) -> tuple[str, ...] | None:
+    return ("CT",) if dataset.input == "hu" else None
 
 
 def _check_classes(dataset: Dataset) -> None:
@@ -462,7 +463,7 @@ def _check_classes(dataset: Dataset) -> None:
 
 def _check_parent(parent: Bundle, dataset: Dataset) -> None:
     """An initial bundle must take the same kind of input and predict the same classes."""
-    if "keras" not in parent.manifest["models"]:
+    if "keras" not in parent.manifest.models:
         raise ConfigError(f"{parent.path}: --init needs a bundle with its Keras model (one made by edgedx train)")
     if parent.preprocess.input != dataset.input:
         raise ConfigError(
@@ -473,10 +474,6 @@ def _check_parent(parent: Bundle, dataset: Dataset) -> None:
             f"{parent.path} predicts {', '.join(parent.class_names)}; {dataset.source} is labelled "
             f"{', '.join(dataset.class_names)}"
         )
-
-
-def _parent_record(parent: Bundle) -> dict[str, Any]:
-    return {"name": parent.name, "keras_sha256": parent.manifest["models"]["keras"]["sha256"]}
 
 
 def _initial_model(parent: Bundle | None, config: TrainConfig, spec: PreprocessSpec, dataset: Dataset):

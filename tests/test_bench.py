@@ -11,6 +11,7 @@ from conftest import needs_tf
 from typer.testing import CliRunner
 
 from edgedx.bench import bench, export_kit, import_results
+from edgedx.bundle import read_bundle
 from edgedx.cli import app
 from edgedx.compress import CompressConfig, compress
 from edgedx.data import load_dataset, recorded_dataset
@@ -45,7 +46,7 @@ def test_bench_measures_every_model_and_writes_the_report(bundles, tmp_path):
     keras_ref, *_, int8 = result.rows
     assert keras_ref["clinical"]["flips"] == 0.0  # the reference against itself
     assert int8["deploy"] and int8["budgets_missed"] == [] and result.missed == []
-    n_test = len(recorded_dataset(json.loads((bundles[0] / "manifest.json").read_text())["data"]).splits["test"])
+    n_test = len(recorded_dataset(read_bundle(bundles[0]).manifest.data).splits["test"])
     for row in result.rows:
         assert row["clinical"]["n"] == n_test and 0.0 <= row["clinical"]["auc"] <= 1.0
         assert len(row["latency_ms"]) == 15 and row["device"]["p50_ms"] <= row["device"]["p99_ms"]

@@ -6,22 +6,40 @@ import json
 
 import pytest
 
-from edgedx.bundle import MANIFEST, read_bundle, write_bundle
+from edgedx.bundle import (
+    MANIFEST,
+    InputRecord,
+    Manifest,
+    ModelRecord,
+    TaskRecord,
+    ThresholdRecord,
+    read_bundle,
+    write_bundle,
+)
+from edgedx.calibration import Calibration
 from edgedx.errors import BundleError
 from edgedx.preprocess import PreprocessSpec, parse_windows
 
 SPEC = PreprocessSpec(size=32, windows=parse_windows("brain,subdural"), mean=(0.2, 0.3), std=(0.4, 0.5))
+PLATT = Calibration("platt", 0.7, -0.2)
 
 
-def _manifest() -> dict:
-    return {
-        "name": "t",
-        "task": {"kind": "binary", "class_names": ["no", "yes"], "output": "logits", "activation": "sigmoid"},
-        "input": {"shape": [1, 32, 32, 2], "dtype": "float32"},
-        "preprocess": SPEC.to_dict(),
-        "threshold": {"value": 0.4, "policy": "youden"},
-        "models": {"keras": {"note": "kept"}},
-    }
+def _manifest() -> Manifest:
+    return Manifest(
+        name="t",
+        task=TaskRecord(kind="binary", class_names=("no", "yes"), activation="sigmoid"),
+        input=InputRecord(shape=(1, 32, 32, 2), modality=("CT",)),
+        preprocess=SPEC,
+        threshold=ThresholdRecord(value=0.4, policy="youden"),
+        models={"keras": ModelRecord(threshold=0.35, calibration=PLATT)},
+        data={"name": "d", "fingerprint": {"train": "ab" * 32}},
+    )
+
+
+def _edit_manifest(bundle_dir, edit) -> None:
+    record = json.loads((bundle_dir / MANIFEST).read_text())
+    edit(record)
+    (bundle_dir / MANIFEST).write_text(json.dumps(record))
 
 
 @pytest.fixture
@@ -35,9 +53,11 @@ class TestBundle:
     def test_round_trip(self, bundle_dir):
         b = read_bundle(bundle_dir)
         assert b.preprocess == SPEC and b.threshold == 0.4 and b.class_names == ["no", "yes"]
-        record = b.manifest["models"]["keras"]
-        assert record["file"] == "model.keras" and record["bytes"] == 700 and len(record["sha256"]) == 64
-        assert record["note"] == "kept"
+        record = b.manifest.models["keras"]
+        assert record.file == "model.keras" and record.bytes == 700 and len(record.sha256) == 64
+        assert record.calibration == PLATT and b.model_threshold("keras") == 0.35
+        assert b.manifest.input.modality == ("CT",) and b.manifest.train_fingerprint == "ab" * 32
+        assert b.manifest == read_bundle(bundle_dir).manifest  # what was written is what is read
         assert b.model_path("keras").read_bytes() == b"weights" * 100
         assert json.loads((bundle_dir / "history.json").read_text()) == [{"e": 1}]
         assert not [p for p in bundle_dir.parent.iterdir() if p.name.startswith(".b.")], "staging left behind"
@@ -68,12 +88,33 @@ class TestBundle:
         with pytest.raises(BundleError, match="not valid JSON"):
             read_bundle(tmp_path)
 
-    def test_future_version_refused(self, bundle_dir):
-        m = json.loads((bundle_dir / MANIFEST).read_text())
-        m["format_version"] = 99
-        (bundle_dir / MANIFEST).write_text(json.dumps(m))
-        with pytest.raises(BundleError, match="bundle format version 99"):
+    def test_other_version_refused_in_one_line_naming_the_version(self, bundle_dir):
+        _edit_manifest(bundle_dir, lambda m: m.update(format_version=99))
+        with pytest.raises(BundleError, match="bundle format version 99; this edgedx .* reads version 1") as caught:
             read_bundle(bundle_dir)
+        assert "\n" not in str(caught.value)
+
+    @pytest.mark.parametrize(
+        ("edit", "message"),
+        [
+            (lambda m: m.pop("task"), "missing 'task'"),
+            (lambda m: m["threshold"].pop("policy"), "threshold: missing 'policy'"),
+            (lambda m: m["models"]["keras"].update(weights="x"), "models.keras: unknown field 'weights'"),
+            (lambda m: m.update(models=[]), "expected an object, found list"),
+            (lambda m: m["preprocess"].pop("size"), "preprocessing spec is malformed"),
+            (lambda m: m.update(format="other"), "not an edgedx bundle manifest"),
+        ],
+    )
+    def test_malformed_manifest_names_what_is_wrong(self, bundle_dir, edit, message):
+        _edit_manifest(bundle_dir, edit)
+        with pytest.raises(BundleError, match=message):
+            read_bundle(bundle_dir)
+
+    def test_model_files_must_match_the_records(self, tmp_path):
+        model = tmp_path / "model.tflite"
+        model.write_bytes(b"x")
+        with pytest.raises(BundleError, match=r"model files for \['tflite-int8'\] but records for \['keras'\]"):
+            write_bundle(tmp_path / "b", _manifest(), models={"tflite-int8": model})
 
     def test_no_silent_overwrite(self, bundle_dir, tmp_path):
         with pytest.raises(BundleError, match="already exists"):

@@ -10,6 +10,7 @@ import pytest
 from conftest import needs_tf
 from typer.testing import CliRunner
 
+from edgedx.bundle import read_bundle
 from edgedx.cli import app
 
 runner = CliRunner()
@@ -136,7 +137,7 @@ def test_tables_keep_every_figure_whole_in_a_narrow_log():
     env = {**os.environ, "COLUMNS": "50"}
     run = subprocess.run([sys.executable, "-m", "edgedx", "info", str(bundle)], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    test = json.loads((bundle / "manifest.json").read_text())["metrics"]["test"]
+    test = read_bundle(bundle).manifest.metrics["test"]
     low, high = test["auc_ci95"]
     row = next(line for line in run.stdout.splitlines() if line.startswith("│ test"))
     assert f"{test['auc']:.4f}" in row and f"{low:.3f}-{high:.3f}" in row and f"{test['npv']:.4f}" in row

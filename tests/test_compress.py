@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import needs_tf
 
-from edgedx.bundle import read_bundle
+from edgedx.bundle import MANIFEST, read_bundle
 from edgedx.compress import CompressConfig, compress
 from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import CompressionRefused, ConfigError
@@ -55,15 +55,15 @@ def test_int8_post_training(parent, tmp_path):
     """int8 in, int8 out, scale and zero point recorded; the runtime agrees with the float model."""
     result = compress(parent.path, tmp_path / "q", CompressConfig(quantize="int8"))
     m = read_bundle(result.bundle.path).manifest
-    assert m["deploy"] == "tflite-int8" and {"tflite-float32", "tflite-int8", "keras"} <= set(m["models"])
-    record = m["models"]["tflite-int8"]
-    assert record["input"]["dtype"] == "int8" and record["input"]["scale"] > 0
+    assert m.deploy == "tflite-int8" and {"tflite-float32", "tflite-int8", "keras"} <= set(m.models)
+    record = m.models["tflite-int8"]
+    assert record.input.dtype == "int8" and record.input.scale > 0
     assert [row["step"] for row in result.steps] == ["parent", "quantize-int8"]
     quantized, parent_row = result.steps[1], result.steps[0]
     assert quantized["bytes"] < 0.4 * parent_row["bytes"]
     assert quantized["flips"] <= 0.1
 
-    dataset = recorded_dataset(m["data"])
+    dataset = recorded_dataset(m.data)
     x = to_model_inputs(dataset.splits["test"].images(), result.bundle.preprocess)
     int8, float32 = (Model.load(result.bundle.path, role=r) for r in ("tflite-int8", "tflite-float32"))
     agree = (int8.predict_inputs(x) >= int8.threshold) == (float32.predict_inputs(x) >= float32.threshold)
@@ -79,9 +79,9 @@ def test_distill_makes_a_small_student_that_keeps_the_parents_decisions(parent, 
     teacher, student = result.steps[0], result.steps[1]
     assert student["step"] == "distill" and student["parameters"] * 8 <= teacher["parameters"]
     assert student["test"]["auc"] > 0.9
-    assert result.bundle.manifest["deploy"] == "tflite-float32"
+    assert result.bundle.manifest.deploy == "tflite-float32"
     # its threshold is the one that agrees most with the parent on validation data, not one of its own
-    x = to_model_inputs(recorded_dataset(parent.manifest["data"]).splits["val"].images(), parent.preprocess)
+    x = to_model_inputs(recorded_dataset(parent.manifest.data).splits["val"].images(), parent.preprocess)
     scores = [
         predict_scores(keras.models.load_model(b.model_path("keras"), compile=False), x, "sigmoid")
         for b in (result.bundle, parent)
@@ -97,10 +97,10 @@ def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
     dense, pruned = result.steps[0], result.steps[1]
     assert pruned["nonzero_parameters"] < 0.35 * dense["nonzero_parameters"]
     assert pruned["gzip_bytes"] < 0.5 * dense["gzip_bytes"]
-    models = result.bundle.manifest["models"]
-    assert result.bundle.manifest["arch"]["kernel_sparsity"] == pytest.approx(0.75, abs=0.01)
+    models = result.bundle.manifest.models
+    assert result.bundle.manifest.arch.kernel_sparsity == pytest.approx(0.75, abs=0.01)
     # LiteRT cannot prepare dynamic-range convolutions in the sparse encoding: that one is stored dense
-    assert models["tflite-float32"]["sparse_encoding"] is True and models["tflite-dynamic"]["sparse_encoding"] is False
+    assert models["tflite-float32"].sparse_encoding is True and models["tflite-dynamic"].sparse_encoding is False
     prediction = Model.load(result.bundle.path).predict(np.full((16, 16), 200.0))
     assert 0 <= float(prediction.probabilities) <= 1
 
@@ -144,7 +144,7 @@ def test_pruning_a_distilled_student_with_the_teacher_in_the_loop(parent, tmp_pa
     assert len(students) == 2  # the distillation step, then the pruning step
     assert any("prune_low_magnitude" in layer.name for layer in students[1].layers)
     assert result.steps[-1]["notes"][-1] == "fine-tuned under the distillation loss"
-    assert result.bundle.manifest["arch"]["kernel_sparsity"] == pytest.approx(0.75, abs=0.01)
+    assert result.bundle.manifest.arch.kernel_sparsity == pytest.approx(0.75, abs=0.01)
 
 
 def test_two_four_structure(parent, tmp_path):
@@ -175,7 +175,7 @@ def test_sparsity_survives_qat(parent, tmp_path):
     assert any("sparsity-preserving QAT" in note for note in result.steps[-1]["notes"])
     assert _tflite_kernel_sparsity(result.bundle.model_path("tflite-int8")) >= 0.7
     # stored in the sparse encoding, smaller than the dense file, and the runtime runs it
-    assert result.bundle.manifest["models"]["tflite-int8"]["sparse_encoding"] is True
+    assert result.bundle.manifest.models["tflite-int8"].sparse_encoding is True
     assert result.steps[-1]["bytes"] < 0.22 * result.steps[0]["bytes"]  # dense int8 is >= 0.25x float32
     prediction = Model.load(result.bundle.path).predict(np.full((16, 16), 200.0))
     assert 0 <= float(prediction.probabilities) <= 1
@@ -214,9 +214,10 @@ def test_guard_refuses_and_writes_nothing(parent, tmp_path, monkeypatch):
 def test_accept_loss_writes_the_bundle_and_the_manifest_says_so(parent, tmp_path, monkeypatch):
     _shuffled_int8(monkeypatch)
     config = CompressConfig(quantize="int8", qat_epochs=1, accept_loss=True)
-    loss = compress(parent.path, tmp_path / "lossy", config).bundle.manifest["compression"]["loss_against_parent"]
-    assert loss["val_auc_drop"] > 0.01 and not loss["within_limits"] and loss["loss_accepted"]
-    assert loss["parent"] == "parent" and loss["max_auc_drop"] == 0.01
+    written = compress(parent.path, tmp_path / "lossy", config).bundle
+    loss = read_bundle(written.path).manifest.compression.loss_against_parent  # as stored
+    assert loss.val_auc_drop > 0.01 and not loss.within_limits and loss.loss_accepted
+    assert loss.parent == "parent" and loss.max_auc_drop == 0.01
 
 
 def test_guard_holds_sensitivity_apart_from_auc():
@@ -235,8 +236,8 @@ def test_guard_holds_sensitivity_apart_from_auc():
         _loss_against_parent(run, rows)
     run.config = CompressConfig(quantize="int8", max_sensitivity_drop=0.05)
     record = _loss_against_parent(run, rows)
-    assert record["within_limits"] and not record["loss_accepted"]
-    assert record["val_auc_drop"] == pytest.approx(0.005) and record["test_sensitivity_drop"] == pytest.approx(0.05)
+    assert record.within_limits and not record.loss_accepted
+    assert record.val_auc_drop == pytest.approx(0.005) and record.test_sensitivity_drop == pytest.approx(0.05)
 
 
 def test_int8_keeping_the_first_op_float(parent):
@@ -247,10 +248,10 @@ def test_int8_keeping_the_first_op_float(parent):
     from edgedx.compress.quantize import int8_keeping_first_ops_float
 
     model = keras.models.load_model(parent.model_path("keras"), compile=False)
-    x = to_model_inputs(recorded_dataset(parent.manifest["data"]).splits["train"].images(), parent.preprocess)
+    x = to_model_inputs(recorded_dataset(parent.manifest.data).splits["train"].images(), parent.preprocess)
     one, two = int8_keeping_first_ops_float(model, x[:16], (1, 2))
     assert len(one.float_ops) == 1 and two.float_ops[0] == one.float_ops[0] and len(two.float_ops) == 2
-    assert one.input["dtype"] == one.output["dtype"] == "int8"
+    assert one.input.dtype == one.output.dtype == "int8"
     interpreter = Interpreter(model_content=one.content)
     dtypes = {t["name"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
     assert dtypes[one.float_ops[0]] == "float32"
@@ -294,11 +295,11 @@ def test_int8_flipping_too_many_decisions_keeps_its_first_ops_float(parent, tmp_
     # flips decide here, not the accuracy guard
     config = CompressConfig(quantize="int8", max_flips=0.1, max_auc_drop=0.99, max_sensitivity_drop=1.0)
     result = compress(parent.path, tmp_path / "mixed", config)
-    record = result.bundle.manifest["models"]["tflite-int8"]
-    assert len(record["float_ops"]) >= 1 and record["input"]["dtype"] == "int8"
+    record = result.bundle.manifest.models["tflite-int8"]
+    assert len(record.float_ops) >= 1 and record.input.dtype == "int8"
     notes = result.steps[-1]["notes"]
     assert notes[0].startswith("post-training int8, full int8:") and not notes[0].endswith("(kept)")
-    assert notes[-1].endswith("(kept)") and f"first {len(record['float_ops'])} op(s) in float" in notes[-1]
+    assert notes[-1].endswith("(kept)") and f"first {len(record.float_ops)} op(s) in float" in notes[-1]
     full_flips, kept_flips = (float(n.split(": ")[1].split("%")[0]) for n in (notes[0], notes[-1]))
     assert kept_flips < full_flips and kept_flips <= 10
     Model.load(result.bundle.path).predict_inputs(
@@ -306,13 +307,13 @@ def test_int8_flipping_too_many_decisions_keeps_its_first_ops_float(parent, tmp_
     )
 
     integer = compress(parent.path, tmp_path / "int", replace(config, integer_only=True))
-    assert integer.bundle.manifest["models"]["tflite-int8"]["float_ops"] == []
+    assert integer.bundle.manifest.models["tflite-int8"].float_ops == ()
     assert len(integer.steps[-1]["notes"]) == 2 and "more than --max-flips 10.0%" in integer.steps[-1]["notes"][1]
 
 
 def test_report_is_in_manifest(parent, tmp_path):
     result = compress(parent.path, tmp_path / "r", CompressConfig(quantize="dynamic"))
-    steps = json.loads((result.bundle.path / "manifest.json").read_text())["compression"]["steps"]
+    steps = json.loads((result.bundle.path / MANIFEST).read_text())["compression"]["steps"]
     for key in ("parameters", "nonzero_parameters", "macs", "bytes", "gzip_bytes", "val", "test", "flips", "seconds"):
         assert key in steps[-1]
     assert steps[-1]["format"] == "tflite-dynamic"
@@ -350,13 +351,13 @@ def test_auto_precision_keeps_the_fastest_that_passes(parent, tmp_path):
     result = compress(
         parent.path, tmp_path / "auto", CompressConfig(quantize="auto", device="host", auto_runs=30, max_auc_drop=0.5)
     )
-    record = result.bundle.manifest["compression"]["auto_precision"]
+    record = result.bundle.manifest.compression.auto_precision
     candidates = {c["precision"]: c for c in record["candidates"]}
     assert set(candidates) == {"float32", "float16", "dynamic", "int8"}
     winner = candidates[record["winner"]]
     assert winner["passes_guard"]
     assert all(winner["p50_ms"] <= c["p50_ms"] for c in candidates.values() if c["passes_guard"])
-    assert result.bundle.manifest["deploy"] == f"tflite-{record['winner']}"
+    assert result.bundle.manifest.deploy == f"tflite-{record['winner']}"
     assert record["winner"] in record["reason"] and "host" in record["reason"]
     Model.load(result.bundle.path)  # the winner is deployable
 
@@ -401,7 +402,7 @@ def test_target_kb_keeps_the_most_accurate_student_that_fits(parent, tmp_path):
         distill=True, distill_epochs=2, prune_epochs=2, target_kb=40, search_candidates=2, accept_loss=True
     )
     result = compress(parent.path, tmp_path / "kb", config)
-    search = result.bundle.manifest["compression"]["search"]
+    search = result.bundle.manifest.compression.search
     rows = search["candidates"]
     assert len(rows) == 2 and len({(r["width"], r["sparsity"]) for r in rows}) == 2
     for row in rows:  # the size measured on an untrained copy is the trained model's, within 5%
@@ -411,7 +412,7 @@ def test_target_kb_keeps_the_most_accurate_student_that_fits(parent, tmp_path):
     chosen = rows[search["chosen"]]
     assert chosen["val_auc"] == max(r["val_auc"] for r in eligible) and chosen["bytes"] <= 40 * 1024
     assert result.steps[-1]["step"] == "quantize-int8" and result.steps[-1]["bytes"] == chosen["bytes"]
-    assert result.bundle.manifest["models"]["tflite-int8"]["bytes"] == chosen["bytes"]
+    assert result.bundle.manifest.models["tflite-int8"].bytes == chosen["bytes"]
     frontier = read_bundle(result.bundle.path).path / search["plot"]  # read_bundle checks every file's hash
     assert frontier.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

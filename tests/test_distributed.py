@@ -11,6 +11,7 @@ import sys
 import pytest
 from conftest import needs_tf
 
+from edgedx.bundle import read_bundle
 from edgedx.distributed import cluster_from_env
 from edgedx.errors import ConfigError
 
@@ -64,5 +65,5 @@ def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz
     for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, out + err[-3000:]
     assert "the chief writes the bundle" in outputs[1][0]
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["training"]["workers"] == 2 and manifest["training"]["epochs_run"] == 2
+    training = read_bundle(tmp_path / "bundle").manifest.training
+    assert training.workers == 2 and training.epochs_run == 2

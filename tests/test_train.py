@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import needs_tf
 
-from edgedx.bundle import read_bundle
+from edgedx.bundle import MANIFEST, ParentRecord, read_bundle
 from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import ConfigError
 from edgedx.preprocess import to_model_inputs
@@ -42,12 +41,12 @@ def test_manifest_is_complete(trained):
     _, result, _ = trained
     m = read_bundle(result.bundle.path).manifest
     for split in ("val", "test"):
-        assert {"auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "npv"} <= set(m["metrics"][split])
-    assert m["input"]["shape"] == [1, 16, 16, 1] and m["task"]["class_names"] == ["class-0", "class-1"]
-    assert 0 <= m["threshold"]["value"] <= 1 and m["threshold"]["policy"] == "youden"
-    assert len(m["data"]["fingerprint"]["train"]) == 64
-    assert m["arch"]["name"] == "seed-cnn" and m["arch"]["parameters"] > 0
-    assert m["preprocess"]["mean"] and m["preprocess"]["std"]
+        assert {"auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "npv"} <= set(m.metrics[split])
+    assert m.input.shape == (1, 16, 16, 1) and m.task.class_names == ("class-0", "class-1")
+    assert 0 <= m.threshold.value <= 1 and m.threshold.policy == "youden"
+    assert len(m.train_fingerprint) == 64
+    assert m.arch.name == "seed-cnn" and m.arch.parameters > 0
+    assert m.preprocess.mean and m.preprocess.std
     assert (result.bundle.path / "history.json").is_file()
 
 
@@ -61,7 +60,7 @@ def test_bundle_replays_preprocessing(trained):
     model = keras.models.load_model(bundle.model_path("keras"))
     split = dataset.splits["test"]
     scores = predict_scores(model, to_model_inputs(split.images(), bundle.preprocess), "sigmoid")
-    assert auc(split.labels, scores) == pytest.approx(bundle.manifest["metrics"]["test"]["auc"], abs=1e-6)
+    assert auc(split.labels, scores) == pytest.approx(bundle.manifest.metrics["test"]["auc"], abs=1e-6)
 
 
 def test_deterministic(trained, tiny_npz, tmp_path):
@@ -81,12 +80,12 @@ def test_headct_hu_pipeline(tiny_headct, tmp_path):
     spec = result.bundle.preprocess
     assert [w.name for w in spec.windows] == ["brain", "subdural", "bone"] and spec.channels == 3
     m = result.bundle.manifest
-    assert m["input"]["modality"] == ["CT"]
+    assert m.input.modality == ("CT",)
     # synthetic data is recorded by what made it, never by a machine path, and says so everywhere
-    assert m["data"]["source"] == "synthetic" and m["data"]["synthetic"]["studies"] == 10
-    assert str(tiny_headct) not in json.dumps(m) and result.bundle.synthetic_only
-    assert m["intended_use"].startswith("Trained on synthetic head-CT data only")
-    assert recorded_dataset(m["data"]).splits["test"].ids == load_dataset(tiny_headct).splits["test"].ids
+    assert m.data["source"] == "synthetic" and m.data["synthetic"]["studies"] == 10
+    assert str(tiny_headct) not in (result.bundle.path / MANIFEST).read_text() and result.bundle.synthetic_only
+    assert m.intended_use.startswith("Trained on synthetic head-CT data only")
+    assert recorded_dataset(m.data).splits["test"].ids == load_dataset(tiny_headct).splits["test"].ids
     assert set(result.bundle.load_guard().scope.body_parts) == {"HEAD", "BRAIN", "SKULL"}
 
 
@@ -95,12 +94,12 @@ def test_bundle_carries_its_guard_and_calibration(trained):
     bundle = read_bundle(result.bundle.path)
     guard = bundle.load_guard()
     assert guard is not None and (bundle.path / "guard.npz").is_file()
-    n_val = bundle.manifest["data"]["splits"]["val"]["images"]
-    assert bundle.manifest["guard"]["flag_rate"]["val"] <= max(0.01, 2 / n_val)  # a tiny set: its top one per statistic
-    assert "test" in bundle.manifest["guard"]["flag_rate"]
+    n_val = bundle.manifest.data["splits"]["val"]["images"]
+    assert bundle.manifest.guard["flag_rate"]["val"] <= max(0.01, 2 / n_val)  # a tiny set: its top one per statistic
+    assert "test" in bundle.manifest.guard["flag_rate"]
     calibration = bundle.calibration("keras")
     assert calibration.method == "platt" and calibration.scale > 0
-    assert 0 <= bundle.manifest["metrics"]["test"]["ece"] <= 1
+    assert 0 <= bundle.manifest.metrics["test"]["ece"] <= 1
     stripes = np.zeros((1, 16, 16, 1), np.float32)
     stripes[..., ::2, :] = 10.0
     assert guard.scores(stripes)[0] > 1
@@ -118,8 +117,8 @@ def test_init_fine_tunes_from_a_bundle_with_frozen_layers(trained, tmp_path):
         init=parent.path,
     )
     m = tuned.bundle.manifest
-    assert m["training"]["init"] == {"name": parent.name, "keras_sha256": parent.manifest["models"]["keras"]["sha256"]}
-    assert m["arch"]["name"] == "seed-cnn" and m["preprocess"] == parent.manifest["preprocess"]
+    assert m.training.init == ParentRecord(name=parent.name, keras_sha256=parent.manifest.models["keras"].sha256)
+    assert m.arch.name == "seed-cnn" and m.preprocess == parent.manifest.preprocess
     before = keras.models.load_model(parent.model_path("keras"), compile=False)
     after = keras.models.load_model(tuned.bundle.model_path("keras"), compile=False)
     first = next(i for i, layer in enumerate(before.layers) if layer.weights)
@@ -151,7 +150,7 @@ def test_multiclass(tmp_path):
         tmp_path / "b",
         TrainConfig(arch="seed-cnn", width=0.25, epochs=15, batch_size=16, learning_rate=3e-3),
     )
-    assert result.bundle.manifest["task"]["activation"] == "softmax" and result.bundle.threshold is None
+    assert result.bundle.manifest.task.activation == "softmax" and result.bundle.threshold is None
     assert result.metrics["test"]["accuracy"] > 0.8
     assert result.bundle.calibration("keras").method == "temperature"
 
@@ -190,10 +189,10 @@ def test_multilabel_any_and_subtypes(tiny_headct, tmp_path):
         dataset, tmp_path / "ml", TrainConfig(arch="seed-cnn", width=0.25, input_size=32, epochs=2, batch_size=8)
     )
     m = result.bundle.manifest
-    assert m["task"]["kind"] == "multilabel" and m["task"]["class_names"] == list(RSNA_LABELS)
-    assert m["data"]["labels"] == list(RSNA_LABELS) and len(m["threshold"]["value"]) == 6
-    per_label = m["metrics"]["test"]["per_label"]
-    assert list(per_label) == list(RSNA_LABELS) and per_label["any"]["auc"] == m["metrics"]["test"]["auc"]
+    assert m.task.kind == "multilabel" and m.task.class_names == tuple(RSNA_LABELS)
+    assert m.data["labels"] == list(RSNA_LABELS) and len(m.threshold.value) == 6
+    per_label = m.metrics["test"]["per_label"]
+    assert list(per_label) == list(RSNA_LABELS) and per_label["any"]["auc"] == m.metrics["test"]["auc"]
     assert len(result.bundle.calibration("keras").to_dict()["scale"]) == 6
     with pytest.raises(ConfigError, match="multi-label"):
         compress(result.bundle.path, tmp_path / "d", CompressConfig(distill=True, quantize="none"))
@@ -203,4 +202,4 @@ def test_multilabel_any_and_subtypes(tiny_headct, tmp_path):
     prediction = model.predict(first)
     assert np.shape(prediction.probabilities) == (6,) and set(prediction.findings) <= set(RSNA_LABELS)
     assert prediction.decision == int("any" in prediction.findings) or not prediction.in_distribution
-    assert recorded_dataset(small.bundle.manifest["data"]).task == "multilabel"
+    assert recorded_dataset(small.bundle.manifest.data).task == "multilabel"

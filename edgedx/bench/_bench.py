@@ -23,7 +23,7 @@ from ..devices import load_profile, parse_profile
 from ..errors import BundleError, ConfigError, DataError
 from ..outputs import decisions
 from ..precision import KERAS_ROLE, deployed_role, report_order
-from ..preprocess import to_model_inputs
+from ..preprocess import PreprocessSpec, to_model_inputs
 from ..runtime.probe import run_probe
 from ._report import BenchResult, machine, summarize, write_report
 
@@ -33,12 +33,8 @@ KIT_RUNNER = "run_kit.py"
 ProgressFn = Callable[[str, int, int], None]
 
 
-def _threshold(bundle: Bundle, role: str) -> float | None:
-    return bundle.manifest["models"][role].get("threshold", bundle.threshold)
-
-
 def _deploy_role(bundle: Bundle) -> str | None:
-    return deployed_role(bundle.manifest["models"], bundle.manifest.get("deploy"))
+    return deployed_role(bundle.manifest.models, bundle.manifest.deploy)
 
 
 def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]]:
@@ -48,7 +44,7 @@ def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]
         names = [f"{b.name}#{i + 1}" for i, b in enumerate(bundles)]
     plan = []
     for name, b in zip(names, bundles, strict=True):
-        for role in report_order(b.manifest["models"]):
+        for role in report_order(b.manifest.models):
             if role == KERAS_ROLE and not include_keras:
                 continue
             plan.append(
@@ -57,11 +53,11 @@ def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]
                     "bundle_path": str(b.path),
                     "role": role,
                     "class_names": b.class_names,
-                    "bytes": int(b.manifest["models"][role]["bytes"]),
-                    "macs": b.manifest.get("arch", {}).get("macs"),
-                    "threshold": _threshold(b, role),
+                    "bytes": b.model_record(role).bytes,
+                    "macs": b.manifest.arch.macs if b.manifest.arch else None,
+                    "threshold": b.model_threshold(role),
                     "deploy": role == _deploy_role(b),
-                    "float_ops": len(b.manifest["models"][role].get("float_ops", [])),
+                    "float_ops": len(b.model_record(role).float_ops),
                 }
             )
     if not plan:
@@ -73,21 +69,20 @@ def _test_inputs(
     bundles: Sequence[Bundle], data: Path | str | None, limit: int | None, seed: int
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels of the test split (or a sample of it) and, per bundle path, its preprocessed inputs."""
-    dataset = recorded_dataset(bundles[0].manifest["data"], data)
+    dataset = recorded_dataset(bundles[0].manifest.data or {}, data)
     test = dataset.splits["test"]
     index = np.arange(len(test))
     if limit and limit < len(index):
         index = np.sort(np.random.default_rng(seed).choice(index, limit, replace=False))
     images = [test.read(int(i)) for i in index]
-    by_spec: dict[str, np.ndarray] = {}
+    by_spec: dict[PreprocessSpec, np.ndarray] = {}
     inputs = {}
     for b in bundles:
-        if b.manifest["preprocess"]["input"] != dataset.input:
+        if b.preprocess.input != dataset.input:
             raise DataError(f"{dataset.source} holds {dataset.input!r} images; {b.path} expects another kind")
-        key = json.dumps(b.manifest["preprocess"], sort_keys=True)
-        if key not in by_spec:
-            by_spec[key] = to_model_inputs(images, b.preprocess)
-        inputs[str(b.path)] = by_spec[key]
+        if b.preprocess not in by_spec:
+            by_spec[b.preprocess] = to_model_inputs(images, b.preprocess)
+        inputs[str(b.path)] = by_spec[b.preprocess]
     return test.labels[index], inputs
 
 
@@ -295,7 +290,9 @@ def export_kit(
 
         b = next(b for b in read if str(b.path) == reference_item["bundle_path"])
         model = keras.models.load_model(b.model_path("keras"), compile=False)
-        scores = probabilities(model.predict(inputs[str(b.path)], verbose=0), b.manifest["task"]["activation"])
+        scores = probabilities(
+            model.predict(inputs[str(b.path)], verbose=0), b.manifest.task.activation, b.calibration(KERAS_ROLE)
+        )
     else:  # no float model given: flips are counted against the first TFLite model on the box
         scores = None
     files: dict[str, str] = {}

@@ -25,7 +25,7 @@ def probe_keras(bundle: str, role: str, inputs: np.ndarray, threads: int, runs: 
     b = read_bundle(bundle)
     model = keras.models.load_model(b.model_path(role), compile=False)
     load_seconds = time.perf_counter() - began
-    activation, calibration = b.manifest["task"]["activation"], b.calibration(role)
+    activation, calibration = b.manifest.task.activation, b.calibration(role)
 
     def one(x: np.ndarray) -> np.ndarray:
         return probabilities(model(x, training=False).numpy(), activation, calibration)

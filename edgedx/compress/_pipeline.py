@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import gzip
 import math
@@ -16,7 +15,16 @@ from typing import Any
 import numpy as np
 
 from .. import metrics as clinical
-from ..bundle import Bundle, read_bundle, write_bundle
+from ..bundle import (
+    ArchRecord,
+    Bundle,
+    CompressionRecord,
+    LossRecord,
+    Manifest,
+    ModelRecord,
+    read_bundle,
+    write_bundle,
+)
 from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
 from ..data import recorded_dataset
 from ..errors import CompressionRefused, ConfigError
@@ -124,7 +132,7 @@ class _Stage:
     keras_model: Any
     threshold: float | None
     scores: dict[str, np.ndarray]
-    arch: dict[str, Any]
+    arch: ArchRecord  # name, width and kernel sparsity; its counts are filled in when written
     tflite: TFLiteModel | None = None
     float32: TFLiteModel | None = None  # a Keras stage's float32 TFLite, converted once (size, deployment)
     notes: list[str] = field(default_factory=list)
@@ -247,10 +255,10 @@ def _fewest_flips(tried: list[_Int8Candidate], max_auc_drop: float, resolution: 
     return next(c for c in within if c.flips <= fewest + resolution + 1e-12)
 
 
-def _pruned(arch: dict[str, Any]) -> bool:
+def _pruned(arch: ArchRecord) -> bool:
     """Whether a stage's network was pruned (the prune step records its kernel sparsity): such
     models are converted to TFLite's sparse tensor encoding."""
-    return "kernel_sparsity" in arch
+    return arch.kernel_sparsity is not None
 
 
 def _row(stage: _Stage, run: _Run, seconds: float) -> dict:
@@ -299,7 +307,7 @@ class _Run:
 
     @property
     def activation(self) -> str:
-        return self.parent.manifest["task"]["activation"]
+        return self.parent.manifest.task.activation
 
     @functools.cached_property
     def parent_decisions(self) -> np.ndarray:
@@ -350,7 +358,7 @@ class _Run:
             self.on_step(stage.row)
         return stage
 
-    def keras_stage(self, name: str, model, arch: dict[str, Any], began: float, notes: list[str]) -> _Stage:
+    def keras_stage(self, name: str, model, arch: ArchRecord, began: float, notes: list[str]) -> _Stage:
         scores = self.scores(model)
         threshold = _matching_threshold(scores["val"], self.parent_scores["val"], self.parent_threshold)
         return self.stage(name, began, keras_model=model, threshold=threshold, scores=scores, arch=arch, notes=notes)
@@ -394,16 +402,16 @@ def compress(
         raise ConfigError(f"{out} already exists; choose another --out or remove it first")
     parent_bundle = read_bundle(parent)
     manifest = parent_bundle.manifest
-    if "keras" not in manifest["models"]:
+    if "keras" not in manifest.models or manifest.arch is None or manifest.training is None:
         raise ConfigError(f"{parent_bundle.path}: compress needs the float Keras model of a trained bundle")
-    if manifest["task"]["kind"] == "multilabel" and (config.distill or config.prune or config.quantize == "auto"):
+    if manifest.task.kind == "multilabel" and (config.distill or config.prune or config.quantize == "auto"):
         raise ConfigError(
             f"{parent_bundle.path} is a multi-label model: compress quantizes it (--quantize int8, float16, "
             "dynamic) but does not distill, prune or choose a precision for it yet"
         )
-    dataset = recorded_dataset(manifest["data"], data)
+    dataset = recorded_dataset(manifest.data or {}, data)
     prepared = prepare_data(dataset, parent_bundle.preprocess, progress)
-    recipe = manifest["training"]["config"]
+    recipe = manifest.training.config
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
 
@@ -411,7 +419,7 @@ def compress(
     # Every stage works on uncalibrated scores (calibration is fitted at the end); the parent's
     # threshold is on its calibrated ones, so it is mapped back (the decisions are the same).
     parent_threshold = parent_bundle.calibration("keras").uncalibrated_threshold(parent_bundle.threshold)
-    parent_scores = {s: predict_scores(teacher, prepared.x[s], manifest["task"]["activation"]) for s in ("val", "test")}
+    parent_scores = {s: predict_scores(teacher, prepared.x[s], manifest.task.activation) for s in ("val", "test")}
     run = _Run(
         config=config,
         parent=parent_bundle,
@@ -425,7 +433,6 @@ def compress(
         on_epoch=on_epoch,
         on_step=on_step,
     )
-    parent_arch = {"name": manifest["arch"]["name"], "width": manifest["arch"].get("width")}
     stages = [
         run.stage(
             "parent",
@@ -433,7 +440,7 @@ def compress(
             keras_model=teacher,
             threshold=parent_threshold,
             scores=parent_scores,
-            arch=parent_arch,
+            arch=ArchRecord(name=manifest.arch.name, width=manifest.arch.width),
         )
     ]
 
@@ -481,7 +488,7 @@ def _search_under_budget(run: _Run, parent: _Stage) -> tuple[list[_Stage], _Sear
 
     config = run.config
     budget = int(config.target_kb * 1024)
-    arch = config.student or parent.arch["name"]
+    arch = config.student or parent.arch.name
     sized = sized_candidates(
         run.teacher,
         arch,
@@ -547,7 +554,7 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
     from . import distill as distillation
 
     began, config = time.perf_counter(), run.config
-    arch = config.student or current.arch["name"]
+    arch = config.student or current.arch.name
     student, width = distillation.choose_student(run.teacher, arch, len(run.parent.class_names), width=config.width)
     trainer = distillation.distiller(
         run.teacher, student, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
@@ -556,7 +563,7 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
     run.train(trainer, epochs=epochs)
     mixed = f", mixup {config.mixup:g}" if config.mixup else ""
     notes = [f"student {arch} width {width}, T={config.temperature}, alpha={config.alpha}{mixed}, {epochs} epochs"]
-    return run.keras_stage("distill", student, {"name": arch, "width": width}, began, notes)
+    return run.keras_stage("distill", student, ArchRecord(name=arch, width=width), began, notes)
 
 
 def _prune(run: _Run, current: _Stage) -> _Stage:
@@ -595,7 +602,7 @@ def _prune(run: _Run, current: _Stage) -> _Stage:
     shared = f" ({config.layer_sparsity} over layers)" if config.structure == "unstructured" else ""
     notes = [f"{config.structure}{shared} to {config.sparsity:.0%}: {achieved:.1%} of kernel weights are zero"]
     notes.append("fine-tuned under the distillation loss" if with_teacher else "fine-tuned on the labels")
-    return run.keras_stage("prune", stripped, {**current.arch, "kernel_sparsity": achieved}, began, notes)
+    return run.keras_stage("prune", stripped, replace(current.arch, kernel_sparsity=achieved), began, notes)
 
 
 def _quantize(run: _Run, current: _Stage) -> _Stage:
@@ -644,7 +651,7 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
     )
 
 
-def _loss_against_parent(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _loss_against_parent(run: _Run, rows: list[dict[str, Any]]) -> LossRecord:
     """What the whole pipeline cost against the parent bundle on validation data; refuses too much.
 
     Each step is also compared with the model it came from, but only this comparison sees the
@@ -657,17 +664,17 @@ def _loss_against_parent(run: _Run, rows: list[dict[str, Any]]) -> dict[str, Any
     }
     limits = _limits(config)
     over = _over_limits(parent["val"], final["val"], config)
-    record = {
-        "parent": run.parent.name,
-        "val_auc_drop": drops["val"]["auc"],
-        "val_sensitivity_drop": drops["val"]["sensitivity"],
-        "test_auc_drop": drops["test"]["auc"],
-        "test_sensitivity_drop": drops["test"]["sensitivity"],
-        "max_auc_drop": config.max_auc_drop,
-        "max_sensitivity_drop": config.max_sensitivity_drop,
-        "within_limits": not over,
-        "loss_accepted": bool(over) and config.accept_loss,
-    }
+    record = LossRecord(
+        parent=run.parent.name,
+        val_auc_drop=drops["val"]["auc"],
+        val_sensitivity_drop=drops["val"]["sensitivity"],
+        test_auc_drop=drops["test"]["auc"],
+        test_sensitivity_drop=drops["test"]["sensitivity"],
+        max_auc_drop=config.max_auc_drop,
+        max_sensitivity_drop=config.max_sensitivity_drop,
+        within_limits=not over,
+        loss_accepted=bool(over) and config.accept_loss,
+    )
     if over and not config.accept_loss:
         what = " and ".join(
             f"{drops['val'][k]:.4f} validation {'AUC' if k == 'auc' else k} ({parent['val'][k]:.4f} -> "
@@ -709,18 +716,21 @@ def steps_cost_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _candidate_bundle(folder: Path, model: TFLiteModel, manifest: dict, threshold: float | None) -> Path:
+def _candidate_bundle(folder: Path, model: TFLiteModel, parent: Manifest, threshold: float | None) -> Path:
     """A minimal bundle around one TFLite candidate, so the device probe can load it like any bundle."""
     role = role_of(model.precision)
-    body = {
-        **{k: manifest[k] for k in ("task", "input", "preprocess")},
-        "threshold": {**manifest["threshold"], "value": threshold},
-        "deploy": role,
-        "models": {role: {"input": model.input, "output": model.output, "threshold": threshold}},
-    }
+    manifest = Manifest(
+        name=f"candidate-{model.precision}",
+        task=parent.task,
+        input=parent.input,
+        preprocess=parent.preprocess,
+        threshold=replace(parent.threshold, value=threshold),
+        deploy=role,
+        models={role: ModelRecord(input=model.input, output=model.output, threshold=threshold)},
+    )
     file = folder / f"{model.precision}.tflite"
     file.write_bytes(model.content)
-    return write_bundle(folder / f"candidate-{model.precision}", body, models={role: file}).path
+    return write_bundle(folder / manifest.name, manifest, models={role: file}).path
 
 
 def _auto_precision(run: _Run, current: _Stage) -> _Stage:
@@ -825,7 +835,7 @@ def _write(
     run: _Run,
     stages: list[_Stage],
     float_stage: _Stage,
-    loss: dict[str, Any],
+    loss: LossRecord,
     search: _Search | None,
     seconds: float,
     overwrite: bool,
@@ -852,45 +862,40 @@ def _write(
     }
     params, nonzero = count_parameters(float_model)
     deploy_role = role_of(deploy.precision)
-    body = {
-        **{k: manifest[k] for k in ("task", "input", "preprocess", "guard", "data", "intended_use") if k in manifest},
-        "name": out.name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "arch": {**final.arch, "parameters": params, "nonzero_parameters": nonzero, "macs": count_macs(float_model)},
-        "threshold": {**manifest["threshold"], "value": deploy_threshold},
-        "deploy": deploy_role,
-        "metrics": metrics,
-        "training": manifest.get("training"),
-        "compression": {
-            "parent": {"name": parent.name, "keras_sha256": manifest["models"]["keras"]["sha256"]},
-            "config": asdict(config),
-            "data_matches_parent": prepared.fingerprints["train"] == manifest["data"]["fingerprint"]["train"],
-            "steps": rows,
-            "loss_against_parent": loss,
-            **({"search": search.record} if search else {}),
-            "seconds": round(seconds, 1),
-            **({"auto_precision": final.auto_precision} if final.auto_precision else {}),
+    float_record = ModelRecord(threshold=float_threshold, calibration=float_calibration)
+    body = replace(
+        manifest,
+        name=out.name,
+        arch=replace(final.arch, parameters=params, nonzero_parameters=nonzero, macs=count_macs(float_model)),
+        threshold=replace(manifest.threshold, value=deploy_threshold),
+        deploy=deploy_role,
+        metrics=metrics,
+        compression=CompressionRecord(
+            parent=parent.parent_record(),
+            config=asdict(config),
+            data_matches_parent=prepared.fingerprints["train"] == manifest.train_fingerprint,
+            steps=tuple(rows),
+            loss_against_parent=loss,
+            search=search.record if search else None,
+            seconds=round(seconds, 1),
+            auto_precision=final.auto_precision,
+        ),
+        models={
+            "keras": float_record,
+            "tflite-float32": replace(
+                float_record, input=float_tflite.input, output=float_tflite.output, sparse_encoding=float_tflite.sparse
+            ),
+            deploy_role: ModelRecord(
+                input=deploy.input,
+                output=deploy.output,
+                threshold=deploy_threshold,
+                calibration=deploy_calibration,
+                sparse_encoding=deploy.sparse,
+                float_ops=tuple(deploy.float_ops),
+            ),
         },
-        "models": {
-            "keras": {"threshold": float_threshold, "calibration": float_calibration.to_dict()},
-            "tflite-float32": {
-                "input": float_tflite.input,
-                "output": float_tflite.output,
-                "threshold": float_threshold,
-                "calibration": float_calibration.to_dict(),
-                "sparse_encoding": float_tflite.sparse,
-            },
-            deploy_role: {
-                "input": deploy.input,
-                "output": deploy.output,
-                "threshold": deploy_threshold,
-                "calibration": deploy_calibration.to_dict(),
-                "sparse_encoding": deploy.sparse,
-                "float_ops": list(deploy.float_ops),
-            },
-        },
-    }
-    guard_file = manifest.get("guard", {}).get("file")
+    )
+    guard_file = (manifest.guard or {}).get("file")
     extra_files = {guard_file: (parent.path / guard_file).read_bytes()} if guard_file else {}
     if search:
         extra_files[FRONTIER_FILE] = search.frontier_png

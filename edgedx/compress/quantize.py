@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._quiet import native_logs_hidden
+from ..bundle import TensorRecord
 from ..errors import ConfigError
 from ..precision import PRECISIONS
 
@@ -26,20 +27,20 @@ class TFLiteModel:
 
     precision: str  # a name in edgedx.precision.PRECISIONS
     content: bytes
-    input: dict[str, Any]
-    output: dict[str, Any]
+    input: TensorRecord
+    output: TensorRecord
     sparse: bool = False  # weights stored in TFLite's sparse tensor encoding
     float_ops: tuple[str, ...] = ()  # int8 only: output tensors of the ops kept in float32
 
 
-def _tensor_record(details: dict[str, Any]) -> dict[str, Any]:
+def _tensor_record(details: dict[str, Any]) -> TensorRecord:
     scale, zero_point = details["quantization"]
-    return {
-        "dtype": np.dtype(details["dtype"]).name,
-        "scale": float(scale),
-        "zero_point": int(zero_point),
-        "shape": [int(d) for d in details["shape"]],
-    }
+    return TensorRecord(
+        dtype=np.dtype(details["dtype"]).name,
+        scale=float(scale),
+        zero_point=int(zero_point),
+        shape=tuple(int(d) for d in details["shape"]),
+    )
 
 
 def _describe(precision: str, content: bytes, sparse: bool = False, float_ops: tuple[str, ...] = ()) -> TFLiteModel:

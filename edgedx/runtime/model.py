@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
-from ..bundle import Bundle, read_bundle
+from ..bundle import Bundle, TensorRecord, read_bundle
+from ..calibration import Threshold
 from ..data.dicom import image_from_dataset, read_dataset
 from ..errors import BundleError, DataError
 from ..guard import GuardResult, Scope
@@ -67,8 +68,8 @@ class _Quantization:
     dtype: np.dtype
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> _Quantization:
-        return cls(float(record.get("scale", 0.0)), int(record.get("zero_point", 0)), np.dtype(record["dtype"]))
+    def from_record(cls, record: TensorRecord) -> _Quantization:
+        return cls(record.scale, record.zero_point, np.dtype(record.dtype))
 
     @property
     def quantized(self) -> bool:
@@ -78,16 +79,16 @@ class _Quantization:
 class TFLiteRunner:
     """One TFLite model in an interpreter: quantises inputs and dequantises outputs as recorded.
 
-    ``input_record`` and ``output_record`` are the manifest's ``{dtype, scale, zero_point}`` for
-    the model's input and output tensors; they are checked against the interpreter.
+    ``input_record`` and ``output_record`` are the manifest's records of the model's input and
+    output tensors (type and quantization); they are checked against the interpreter.
     """
 
     def __init__(
         self,
         model_path: Path | str,
         *,
-        input_record: dict[str, Any],
-        output_record: dict[str, Any],
+        input_record: TensorRecord,
+        output_record: TensorRecord,
         threads: int | None = None,
         backend: str | Backend | None = None,
     ) -> None:
@@ -167,9 +168,9 @@ class Model:
         self.runner = runner
         self.backend = runner.backend
         self.spec: PreprocessSpec = bundle.preprocess
-        self.activation: str = bundle.manifest["task"]["activation"]
+        self.activation: str = bundle.manifest.task.activation
         self.class_names: list[str] = bundle.class_names
-        self.threshold: float | list[float] | None = bundle.manifest["models"][role].get("threshold", bundle.threshold)
+        self.threshold: Threshold = bundle.model_threshold(role)
         self.calibration = bundle.calibration(role)
         self.guard = bundle.load_guard()
         self.scope = self.guard.scope if self.guard else Scope(modalities=tuple(self.modalities or ()))
@@ -199,9 +200,9 @@ class Model:
             backend: ``litert`` or ``tflite-runtime`` (default: the first installed).
         """
         b = read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
-        models = b.manifest["models"]
+        models = b.manifest.models
         if role is None:
-            role = deployed_role(models, b.manifest.get("deploy"))
+            role = deployed_role(models, b.manifest.deploy)
             if role is None:
                 raise BundleError(
                     f"{b.path}: no TFLite model in this bundle (it has {', '.join(models)}); "
@@ -211,10 +212,12 @@ class Model:
             tflite = [r for r in models if precision_of_role(r)]
             raise BundleError(f"{b.path}: no {role!r} TFLite model; it has {', '.join(tflite) or 'none'}")
         record = models[role]
+        if record.input is None or record.output is None:
+            raise BundleError(f"{b.path}: the manifest does not record {role}'s input and output tensors")
         runner = TFLiteRunner(
             b.model_path(role),
-            input_record=record["input"],
-            output_record=record["output"],
+            input_record=record.input,
+            output_record=record.output,
             threads=threads,
             backend=backend,
         )
@@ -316,7 +319,8 @@ class Model:
 
     @property
     def modalities(self) -> list[str] | None:
-        return self.bundle.manifest["input"].get("modality")
+        modality = self.bundle.manifest.input.modality
+        return list(modality) if modality else None
 
     def _array_input(self, array: np.ndarray, name: str) -> np.ndarray:
         """A 2-D image -> preprocessed; an (S, S, C) array is taken as already preprocessed."""

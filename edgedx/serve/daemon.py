@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two workers at a time)
 
-from ..bundle import Bundle
+from ..bundle import MANIFEST, Bundle
 from ..data.dicom import MAX_SIDE, header_int, read_dataset
 from ..errors import ConfigError, DataError, DicomError, ReportError
 from ..outputs import decisions
@@ -234,7 +234,7 @@ class Daemon:
         self.model_record = {
             "name": bundle.name,
             "role": model.role,
-            "sha256": bundle.manifest["models"][model.role]["sha256"],
+            "sha256": bundle.model_record(model.role).sha256,
             "synthetic_only": bundle.synthetic_only,
         }
         self._lock = lock_folder(config.out)
@@ -646,6 +646,6 @@ def default_bundle() -> Path:
         Path(__file__).resolve().parents[2] / "models",
     ]
     for folder in folders:
-        if (folder / name / "manifest.json").is_file():
+        if (folder / name / MANIFEST).is_file():
             return folder / name
     raise ConfigError(f"no --bundle given and the default {name} was not found in {', '.join(map(str, folders))}")
