@@ -8,8 +8,9 @@ probabilities (training, compression, bench, runtime):
 
 - ``platt`` (binary): ``z' = scale * z + shift``, fitted to the validation labels (Platt 1999);
 - ``temperature`` (multi-class): ``z' = z / T``, fitted to the validation labels (Guo et al. 2017);
-- ``matched`` (a quantized model): the same affine form, fitted by least squares so its logits land
-  on its float model's calibrated ones: the int8 then reports the float model's probability.
+- ``matched`` (a compressed model): the same affine form, fitted by least squares so its logits land
+  on its parent bundle's calibrated ones (on training and validation inputs): a distilled, pruned
+  or int8 model then reports the parent's probability.
 
 ``scale`` is always positive, so ranking, AUC and every decision are unchanged; thresholds are
 mapped through the calibration with :meth:`Calibration.probability_threshold`.
@@ -160,7 +161,7 @@ def fit_to_labels(logits: np.ndarray, labels: np.ndarray) -> Calibration:
 
 
 def fit_to_reference(logits: np.ndarray, reference: np.ndarray) -> Calibration:
-    """Affine map (least squares) taking a compressed model's logits onto its float model's calibrated
+    """Affine map (least squares) taking a compressed model's logits onto a reference model's calibrated
     ones; one per label for multi-label (N, L) logits."""
     if np.ndim(logits) == 2 and np.shape(logits)[1] > 1:
         fits = [fit_to_reference(logits[:, i], reference[:, i]) for i in range(np.shape(logits)[1])]

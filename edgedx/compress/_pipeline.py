@@ -29,7 +29,7 @@ from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_o
 from ..data import recorded_dataset
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
-from ..precision import PRECISIONS, QUANTIZE_CHOICES, role_of
+from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
 from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
 from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
 from .quantize import TFLiteModel
@@ -144,14 +144,16 @@ def _gzip_size(content: bytes) -> int:
     return len(gzip.compress(content, compresslevel=9))
 
 
-def _tflite_scores(model: TFLiteModel, data: PreparedData, activation: str) -> dict[str, np.ndarray]:
+def _tflite_scores(
+    model: TFLiteModel, data: PreparedData, activation: str, splits: tuple[str, ...] = ("val", "test")
+) -> dict[str, np.ndarray]:
     from ..runtime import TFLiteRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.tflite"
         path.write_bytes(model.content)
         runner = TFLiteRunner(path, input_record=model.input, output_record=model.output, threads=None)
-        return {s: probabilities(runner.logits(data.x[s]), activation) for s in ("val", "test")}
+        return {s: probabilities(runner.logits(data.x[s]), activation) for s in splits}
 
 
 def _matching_threshold(
@@ -313,6 +315,11 @@ class _Run:
     def parent_decisions(self) -> np.ndarray:
         """The parent's test decisions, which every step's flips count against."""
         return decisions(self.parent_scores["test"], self.parent_threshold)
+
+    @functools.cached_property
+    def parent_train_scores(self) -> np.ndarray:
+        """The parent's (uncalibrated) scores on the training inputs, for the final calibrations."""
+        return predict_scores(self.teacher, self.data.x["train"], self.activation)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -847,7 +854,7 @@ def _write(
     deploy = final.tflite or float_tflite
     rows = [s.row for s in stages]
     float_model = float_stage.keras_model
-    float_calibration, deploy_calibration = _calibrations(float_stage, final, deploy, prepared)
+    float_calibration, deploy_calibration = _calibrations(run, float_stage, final, deploy)
     float_threshold = float_calibration.probability_threshold(float_stage.threshold)
     deploy_threshold = deploy_calibration.probability_threshold(final.threshold)
     metrics = {
@@ -911,21 +918,37 @@ def _write(
 
 
 def _calibrations(
-    float_stage: _Stage, final: _Stage, deploy: TFLiteModel, prepared: PreparedData
+    run: _Run, float_stage: _Stage, final: _Stage, deploy: TFLiteModel
 ) -> tuple[Calibration, Calibration]:
-    """Calibrations of the compressed float model and of the deployed one, from validation data.
+    """Calibrations of the compressed float model and of the deployed one.
 
-    The float model is fitted to the labels. A quantized binary model is fitted to the float
-    model's calibrated logits instead, so both report the same probability for the same input;
-    a multi-class one gets its own temperature.
+    A sigmoid model made from the parent is fitted (affine, least squares) so that its logits land on
+    the parent's calibrated ones, on the training and validation inputs together: it then reports
+    the parent's probability for the same input, and the fit rests on four times the cases of the
+    validation labels alone. On the README's main job this lowered the int8's ECE in 2-fold
+    cross-validation over validation studies from 0.095 to 0.076 (``benchmarks/README.md``). A
+    multi-class model gets its own temperature from the validation labels; the parent keeps its own.
     """
-    y = prepared.y["val"]
-    multilabel = y.ndim == 2
-    float_logits = logits_of(float_stage.scores["val"], multilabel)
-    float_calibration = fit_to_labels(float_logits, y)
-    if deploy.precision == "float32" or final is float_stage:
+    prepared, activation = run.data, run.activation
+    same = deploy.precision == "float32" or final is float_stage
+    if activation == "softmax":
+        float_calibration = fit_to_labels(logits_of(float_stage.scores["val"]), prepared.y["val"])
+        if same:
+            return float_calibration, float_calibration
+        return float_calibration, fit_to_labels(logits_of(final.scores["val"]), prepared.y["val"])
+    multilabel = prepared.y["val"].ndim == 2
+
+    def fit_and_val_logits(train_scores: np.ndarray, scores: dict[str, np.ndarray]) -> np.ndarray:
+        return logits_of(np.concatenate([train_scores, scores["val"]]), multilabel)
+
+    parent_calibration = run.parent.calibration(KERAS_ROLE)
+    target = parent_calibration.apply(fit_and_val_logits(run.parent_train_scores, run.parent_scores))
+    if float_stage.name == "parent":
+        float_calibration = parent_calibration
+    else:
+        float_train = predict_scores(float_stage.keras_model, prepared.x["train"], activation)
+        float_calibration = fit_to_reference(fit_and_val_logits(float_train, float_stage.scores), target)
+    if same:
         return float_calibration, float_calibration
-    deploy_logits = logits_of(final.scores["val"], multilabel)
-    if deploy_logits.ndim == 1 or multilabel:
-        return float_calibration, fit_to_reference(deploy_logits, float_calibration.apply(float_logits))
-    return float_calibration, fit_to_labels(deploy_logits, y)
+    deploy_train = _tflite_scores(deploy, prepared, activation, splits=("train",))["train"]
+    return float_calibration, fit_to_reference(fit_and_val_logits(deploy_train, final.scores), target)
