@@ -162,18 +162,30 @@ def predict_scores(
     return probabilities(predict_logits(model, x, batch_size), activation, calibration)
 
 
-def _augmenter(keras, hflip: bool):
-    """Flip (where laterality allows), rotate up to 9 degrees, shift up to 8%, zoom up to 10%.
+@dataclass(frozen=True)
+class Augmentation:
+    """What may change in a training image without changing its label, for one dataset."""
 
-    Zoom stands in for the spread of patient and organ sizes between hospitals and patients.
-    """
-    layers = [keras.layers.RandomFlip("horizontal")] if hflip else []
-    layers += [
-        keras.layers.RandomRotation(0.025, fill_mode="nearest"),
-        keras.layers.RandomTranslation(0.08, 0.08, fill_mode="nearest"),
-        keras.layers.RandomZoom(0.1, fill_mode="nearest"),
-    ]
-    return keras.Sequential(layers, name="augment")
+    hflip: bool = True  # a left-right flip (not for organ laterality classes)
+    geometric: bool = True  # shift, rotate and zoom (not for images that are an organ's bounding box)
+
+    @classmethod
+    def for_dataset(cls, dataset: Dataset) -> Augmentation:
+        return cls(hflip=dataset.hflip_ok, geometric=dataset.geometric_ok)
+
+
+def _augmenter(keras, augmentation: Augmentation):
+    """Flip, rotate up to 9 degrees, shift up to 8%, zoom up to 10%, as far as ``augmentation``
+    allows; None if it allows nothing. Zoom stands in for the spread of patient and organ sizes
+    between hospitals and patients."""
+    layers = [keras.layers.RandomFlip("horizontal")] if augmentation.hflip else []
+    if augmentation.geometric:
+        layers += [
+            keras.layers.RandomRotation(0.025, fill_mode="nearest"),
+            keras.layers.RandomTranslation(0.08, 0.08, fill_mode="nearest"),
+            keras.layers.RandomZoom(0.1, fill_mode="nearest"),
+        ]
+    return keras.Sequential(layers, name="augment") if layers else None
 
 
 def fit(
@@ -182,7 +194,7 @@ def fit(
     config: TrainConfig,
     *,
     activation: str,
-    hflip: bool,
+    augmentation: Augmentation,
     progress: ProgressFn | None = None,
     on_epoch: EpochFn | None = None,
     loss=None,
@@ -216,8 +228,8 @@ def fit(
     shard = tf.data.Options()
     shard.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.with_options(shard)
-    if config.augment:
-        augment = _augmenter(keras, hflip)
+    augment = _augmenter(keras, augmentation) if config.augment else None
+    if augment is not None:
         ds = ds.map(lambda a, b: (augment(a, training=True), b), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
     steps = int(np.ceil(len(x) / config.batch_size))
@@ -376,7 +388,13 @@ def train(
         model = _initial_model(parent, config, data.spec, dataset)
     activation = "softmax" if dataset.task == "multiclass" else "sigmoid"
     history = fit(
-        model, data, config, activation=activation, hflip=dataset.hflip_ok, progress=progress, on_epoch=on_epoch
+        model,
+        data,
+        config,
+        activation=activation,
+        augmentation=Augmentation.for_dataset(dataset),
+        progress=progress,
+        on_epoch=on_epoch,
     )
     for layer in model.layers:  # a bundle's model is whole again, whatever was frozen for fine-tuning
         layer.trainable = True

@@ -12,7 +12,7 @@ from edgedx.bundle import MANIFEST, ParentRecord, read_bundle
 from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import ConfigError
 from edgedx.preprocess import to_model_inputs
-from edgedx.train import TrainConfig, predict_scores, train  # TF itself is imported lazily
+from edgedx.train import Augmentation, TrainConfig, predict_scores, train  # TF itself is imported lazily
 
 pytestmark = [pytest.mark.tf, needs_tf]
 
@@ -153,6 +153,23 @@ def test_multiclass(tmp_path):
     assert result.bundle.manifest.task.activation == "softmax" and result.bundle.threshold is None
     assert result.metrics["test"]["accuracy"] > 0.8
     assert result.bundle.calibration("keras").method == "temperature"
+
+
+def test_organ_crops_are_not_shifted_rotated_or_zoomed(tiny_npz, tmp_path):
+    """An OrganMNIST image is the organ's bounding box resized: its frame is evidence, so only
+    data without that property gets geometric augmentation (and laterality classes no flip)."""
+    import shutil
+
+    from edgedx._tf import keras
+    from edgedx.train import _augmenter
+
+    organ = tmp_path / "organamnist.npz"
+    shutil.copy(tiny_npz, organ)
+    assert Augmentation.for_dataset(load_dataset(organ)) == Augmentation(hflip=False, geometric=False)
+    assert Augmentation.for_dataset(load_dataset(tiny_npz)) == Augmentation(hflip=True, geometric=True)
+    assert _augmenter(keras, Augmentation(hflip=False, geometric=False)) is None
+    names = [layer.name for layer in _augmenter(keras, Augmentation(hflip=False, geometric=True)).layers]
+    assert not any("flip" in n for n in names) and any("zoom" in n for n in names)
 
 
 def test_refuses_existing_output(trained):

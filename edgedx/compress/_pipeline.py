@@ -30,7 +30,7 @@ from ..data import recorded_dataset
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
-from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
+from ..train import Augmentation, EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
 from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
 from .quantize import TFLiteModel
 
@@ -299,7 +299,7 @@ class _Run:
     parent: Bundle
     teacher: Any
     data: PreparedData
-    hflip: bool
+    augmentation: Augmentation
     train_config: TrainConfig
     parent_scores: dict[str, np.ndarray]  # the parent's (uncalibrated) validation and test scores
     parent_threshold: float | None  # on those scores
@@ -334,7 +334,7 @@ class _Run:
             self.data,
             replace(self.train_config, epochs=epochs, **changes),
             activation=self.activation,
-            hflip=self.hflip,
+            augmentation=self.augmentation,
             progress=self.progress,
             on_epoch=self.on_epoch,
             callbacks=callbacks,
@@ -432,7 +432,7 @@ def compress(
         parent=parent_bundle,
         teacher=teacher,
         data=prepared,
-        hflip=dataset.hflip_ok,
+        augmentation=Augmentation.for_dataset(dataset),
         train_config=TrainConfig(**{**recipe, "windows": tuple(recipe["windows"])}),
         parent_scores=parent_scores,
         parent_threshold=parent_threshold,

@@ -49,6 +49,8 @@ class Dataset:
             splits have (N, L) 0/1 labels (the first label is the headline, e.g. ``any``).
         splits: ``train``, ``val`` and ``test``.
         hflip_ok: Whether a left-right flip keeps the label (not for organ laterality classes).
+        geometric_ok: Whether shifts, rotations and zooms keep the evidence (not for images that
+            are an organ's bounding box resized, whose frame is the organ's extent).
         default_size: Input size a model should use when the user gives none.
         synthetic: What made the data, when it is the embedded synthetic set: ``edgedx.data.synth``'s
             settings, recorded in manifests instead of a path so any machine can make it again.
@@ -62,6 +64,7 @@ class Dataset:
     class_names: tuple[str, ...]
     splits: dict[str, Split]
     hflip_ok: bool = True
+    geometric_ok: bool = True
     default_size: int = 64
     body_parts: tuple[str, ...] = ()
     synthetic: dict[str, object] | None = None  # the generator's settings, for the embedded synthetic data
