@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -63,3 +64,15 @@ def strategy(cluster: Cluster | None):
     if cluster is None:
         return tf.distribute.get_strategy()
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def local_addresses(count: int) -> list[str]:
+    """``count`` free ``localhost:port`` addresses: a cluster on one machine (tests, benchmarks, a first try)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [f"localhost:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

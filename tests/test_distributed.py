@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 from conftest import needs_tf
 
 from edgedx.bundle import read_bundle
-from edgedx.distributed import cluster_from_env
+from edgedx.distributed import cluster_from_env, local_addresses
 from edgedx.errors import ConfigError
 
 
@@ -35,20 +34,10 @@ def test_cluster_from_tf_config():
         cluster_from_env(_tf_config(["a:1", "b:2"], 0, kind="ps"))
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.mark.tf
 @needs_tf
 def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz, tmp_path):
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    workers = local_addresses(2)
     command = [sys.executable, "-m", "edgedx", "train", "--data", str(tiny_npz), "--arch", "seed-cnn"]
     command += ["--width", "0.25", "--epochs", "2", "--batch-size", "16"]
     processes = [
