@@ -268,7 +268,13 @@ def train_command(
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-3,
     patience: Annotated[int, typer.Option(help="Epochs without validation-AUC gain before stopping.")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    augment: Annotated[bool, typer.Option(help="Flip (where laterality allows), rotate and shift.")] = True,
+    augment: Annotated[
+        bool,
+        typer.Option(
+            help="Flip, rotate, shift and zoom training images where the data allows (no flip for left/right "
+            "classes, none of it for organ bounding-box crops such as OrganMNIST)."
+        ),
+    ] = True,
     threshold: Annotated[
         ThresholdPolicy, typer.Option(help="How the decision threshold is chosen on validation data.")
     ] = ThresholdPolicy.youden,
