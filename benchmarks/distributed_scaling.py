@@ -1,0 +1,102 @@
+"""One worker against two on the embedded default: same model, same data, same global batch.
+
+Each worker is pinned to its own core (``taskset``), so the two-worker job has twice the cores of
+the one-worker job, as adding a machine would: speedup = T(1 worker) / T(2 workers) and scaling
+efficiency = speedup / 2. Both train the README's default model (``edgedx train`` defaults, 20
+epochs, global batch 64: each of two workers takes 32 of every batch) and are measured on the same
+test split. Needs a machine with two free cores and ``taskset``; run by hand (about 15 minutes on
+the 2-core EPYC):
+
+    python benchmarks/distributed_scaling.py --work /tmp/edgedx-scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(workers: int, out: Path, extra: list[str]) -> dict:
+    """``edgedx train`` as ``workers`` processes, worker i pinned to core i; wall time until all end."""
+    from edgedx.distributed import local_addresses
+
+    addresses = local_addresses(workers)
+    command = [sys.executable, "-m", "edgedx", "train", "--out", str(out), "--json", *extra]
+    processes = []
+    began = time.perf_counter()
+    for index in range(workers):
+        env = dict(os.environ)
+        if workers > 1:
+            cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+            env["TF_CONFIG"] = json.dumps(cluster)
+        processes.append(
+            subprocess.Popen(
+                ["taskset", "-c", str(index), *command],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate() for p in processes]
+    seconds = time.perf_counter() - began
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        if process.returncode != 0:
+            sys.exit(f"{' '.join(command)} failed:\n{stdout[-2000:]}{stderr[-3000:]}")
+    from edgedx.bundle import read_bundle
+
+    manifest = read_bundle(out).manifest
+    test = manifest.metrics["test"]
+    return {
+        "workers": workers,
+        "cores": workers,
+        "wall_seconds": round(seconds, 1),
+        "train_seconds": manifest.training.seconds,
+        "epochs_run": manifest.training.epochs_run,
+        "best_epoch": manifest.training.best_epoch,
+        "test_auc": test["auc"],
+        "test_auc_ci95": test["auc_ci95"],
+        "val_auc": manifest.metrics["val"]["auc"],
+        "train_slices": manifest.data["splits"]["train"]["images"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgedx-scaling"))
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more `edgedx train` options after --")
+    args = parser.parse_args()
+    extra = [a for a in args.extra if a != "--"]
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        sys.exit("needs taskset and two cores")
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    runs = [_run(1, args.work / "one", extra), _run(2, args.work / "two", extra)]
+    one, two = runs
+    speedup = one["train_seconds"] / two["train_seconds"]
+    result = {
+        "command": "edgedx train (defaults, embedded data) " + " ".join(extra),
+        "runs": runs,
+        "speedup": round(speedup, 3),
+        "scaling_efficiency": round(speedup / 2, 3),
+        "test_auc_difference": round(two["test_auc"] - one["test_auc"], 4),
+        "slices_per_second_per_worker": {
+            str(r["workers"]): round(r["train_slices"] * r["epochs_run"] / r["train_seconds"] / r["workers"], 1)
+            for r in runs
+        },
+    }
+    out = HERE / "results" / f"distributed-scaling-cpu{os.cpu_count()}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
