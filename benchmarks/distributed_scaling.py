@@ -37,20 +37,23 @@ def _run(workers: int, out: Path, extra: list[str]) -> dict:
         if workers > 1:
             cluster = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
             env["TF_CONFIG"] = json.dumps(cluster)
+        log = out.parent / f"{out.name}-worker{index}.log"  # every worker's own log, kept for diagnosis
         processes.append(
-            subprocess.Popen(
-                ["taskset", "-c", str(index), *command],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+            (
+                log,
+                subprocess.Popen(
+                    ["taskset", "-c", str(index), *command],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log.open("w"),
+                ),
             )
         )
-    outputs = [p.communicate() for p in processes]
+    codes = [process.wait() for _, process in processes]
     seconds = time.perf_counter() - began
-    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
-        if process.returncode != 0:
-            sys.exit(f"{' '.join(command)} failed:\n{stdout[-2000:]}{stderr[-3000:]}")
+    for (log, _), code in zip(processes, codes, strict=True):
+        if code != 0:
+            sys.exit(f"{' '.join(command)} failed (exit {code}); its log {log} ends:\n{log.read_text()[-3000:]}")
     from edgedx.bundle import read_bundle
 
     manifest = read_bundle(out).manifest
