@@ -192,15 +192,20 @@ class Manifest:
             )
         r = _fields(cls, record, where)
         try:
-            preprocess = PreprocessSpec.from_dict(r["preprocess"])
-        except ConfigError as exc:
+            return cls._from_fields(r, where)
+        except ConfigError as exc:  # the preprocessing spec's own check
             raise BundleError(f"{where}: {exc}") from None
+        except (TypeError, ValueError) as exc:  # a field of the wrong type: "class_names": 5, "shape": "x"
+            raise BundleError(f"{where}: a field has the wrong type ({exc})") from None
+
+    @classmethod
+    def _from_fields(cls, r: dict[str, Any], where: str) -> Manifest:
         plain = ("name", "deploy", "data", "guard", "intended_use", "created", "edgedx_version")
         return cls(
             **{k: r[k] for k in plain if k in r},
             task=_task(r["task"], f"{where}: task"),
             input=_input(r["input"], f"{where}: input"),
-            preprocess=preprocess,
+            preprocess=PreprocessSpec.from_dict(r["preprocess"]),
             threshold=ThresholdRecord(**_fields(ThresholdRecord, r["threshold"], f"{where}: threshold")),
             models={role: _model(m, f"{where}: models.{role}") for role, m in _mapping(r["models"], where).items()},
             arch=ArchRecord(**_fields(ArchRecord, r["arch"], f"{where}: arch")) if r.get("arch") else None,

@@ -103,6 +103,8 @@ class TestBundle:
             (lambda m: m.update(models=[]), "expected an object, found list"),
             (lambda m: m["preprocess"].pop("size"), "preprocessing spec is malformed"),
             (lambda m: m.update(format="other"), "not an edgedx bundle manifest"),
+            (lambda m: m["task"].update(class_names=5), "a field has the wrong type"),
+            (lambda m: m["input"].update(shape=7), "a field has the wrong type"),
         ],
     )
     def test_malformed_manifest_names_what_is_wrong(self, bundle_dir, edit, message):
