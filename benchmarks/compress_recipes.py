@@ -40,7 +40,7 @@ def main() -> None:
     from edgedx.compress import distill, prune
     from edgedx.data import recorded_dataset
     from edgedx.models import count_parameters
-    from edgedx.train import Augmentation, TrainConfig, fit, predict_scores, prepare_data
+    from edgedx.train import TrainConfig, fit, predict_scores, prepare_data
 
     bundle = read_bundle(args.teacher)
     recipe = bundle.manifest.training.config
@@ -76,7 +76,7 @@ def main() -> None:
                 data,
                 replace(train_config, epochs=epochs, patience=max(train_config.patience, epochs // 2)),
                 activation=activation,
-                augmentation=Augmentation.for_dataset(dataset),
+                augmentation=dataset.augmentation,
             )
             result = student
             result.save(args.out.parent / f"student-{text.replace(':', '_').replace('=', '')}.keras")
@@ -100,7 +100,7 @@ def main() -> None:
                 data,
                 replace(train_config, epochs=epochs, patience=epochs, learning_rate=train_config.learning_rate / 5),
                 activation=activation,
-                augmentation=Augmentation.for_dataset(dataset),
+                augmentation=dataset.augmentation,
                 callbacks=callbacks,
                 select_from_epoch=math.ceil(end_step / steps_per_epoch) + 1,
             )

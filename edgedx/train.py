@@ -31,7 +31,7 @@ from .bundle import (
     write_bundle,
 )
 from .calibration import Calibration, fit_to_labels
-from .data import Dataset, prepare_split
+from .data import Augmentation, Dataset, prepare_split
 from .errors import ConfigError, DataError
 from .guard import GUARD_FILE, Scope, fit_guard, flag_rate
 from .outputs import probabilities
@@ -160,18 +160,6 @@ def predict_scores(
 ) -> np.ndarray:
     """Probabilities from a Keras model: (N,) positive class for binary, (N, K) otherwise."""
     return probabilities(predict_logits(model, x, batch_size), activation, calibration)
-
-
-@dataclass(frozen=True)
-class Augmentation:
-    """What may change in a training image without changing its label, for one dataset."""
-
-    hflip: bool = True  # a left-right flip (not for organ laterality classes)
-    geometric: bool = True  # shift, rotate and zoom (not for images that are an organ's bounding box)
-
-    @classmethod
-    def for_dataset(cls, dataset: Dataset) -> Augmentation:
-        return cls(hflip=dataset.hflip_ok, geometric=dataset.geometric_ok)
 
 
 def _augmenter(keras, augmentation: Augmentation):
@@ -392,7 +380,7 @@ def train(
         data,
         config,
         activation=activation,
-        augmentation=Augmentation.for_dataset(dataset),
+        augmentation=dataset.augmentation,
         progress=progress,
         on_epoch=on_epoch,
     )

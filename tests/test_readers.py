@@ -176,7 +176,7 @@ class TestMedmnist:
         organ = tmp_path / "organamnist.npz"
         shutil.copy(tiny_npz, organ)
         ds = read_medmnist(organ)
-        assert ds.class_names[1] == "femur-left" and not ds.hflip_ok
+        assert ds.class_names[1] == "femur-left" and not ds.augmentation.hflip
 
     def test_missing_keys(self, tmp_path):
         np.savez(tmp_path / "x.npz", train_images=np.zeros((2, 4, 4)))

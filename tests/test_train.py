@@ -9,10 +9,10 @@ import pytest
 from conftest import needs_tf
 
 from edgedx.bundle import MANIFEST, ParentRecord, read_bundle
-from edgedx.data import load_dataset, recorded_dataset
+from edgedx.data import Augmentation, load_dataset, recorded_dataset
 from edgedx.errors import ConfigError
 from edgedx.preprocess import to_model_inputs
-from edgedx.train import Augmentation, TrainConfig, predict_scores, train  # TF itself is imported lazily
+from edgedx.train import TrainConfig, predict_scores, train  # TF itself is imported lazily
 
 pytestmark = [pytest.mark.tf, needs_tf]
 
@@ -165,8 +165,8 @@ def test_organ_crops_are_not_shifted_rotated_or_zoomed(tiny_npz, tmp_path):
 
     organ = tmp_path / "organamnist.npz"
     shutil.copy(tiny_npz, organ)
-    assert Augmentation.for_dataset(load_dataset(organ)) == Augmentation(hflip=False, geometric=False)
-    assert Augmentation.for_dataset(load_dataset(tiny_npz)) == Augmentation(hflip=True, geometric=True)
+    assert load_dataset(organ).augmentation == Augmentation(hflip=False, geometric=False)
+    assert load_dataset(tiny_npz).augmentation == Augmentation(hflip=True, geometric=True)
     assert _augmenter(keras, Augmentation(hflip=False, geometric=False)) is None
     names = [layer.name for layer in _augmenter(keras, Augmentation(hflip=False, geometric=True)).layers]
     assert not any("flip" in n for n in names) and any("zoom" in n for n in names)

@@ -26,11 +26,11 @@ from ..bundle import (
     write_bundle,
 )
 from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
-from ..data import recorded_dataset
+from ..data import Augmentation, recorded_dataset
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
-from ..train import Augmentation, EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
+from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
 from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
 from .quantize import TFLiteModel
 
@@ -432,7 +432,7 @@ def compress(
         parent=parent_bundle,
         teacher=teacher,
         data=prepared,
-        augmentation=Augmentation.for_dataset(dataset),
+        augmentation=dataset.augmentation,
         train_config=TrainConfig(**{**recipe, "windows": tuple(recipe["windows"])}),
         parent_scores=parent_scores,
         parent_threshold=parent_threshold,

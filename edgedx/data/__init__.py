@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import DataError
-from .dataset import SPLITS, Dataset, PreparedSplit, Split, prepare_split
+from .dataset import SPLITS, Augmentation, Dataset, PreparedSplit, Split, prepare_split
 from .dicom import RSNA_LABELS, image_from_dataset, read_dataset, read_image, read_study_folder
 from .folder import read_image_folder
 from .medmnist import read_medmnist
@@ -19,6 +19,7 @@ from .synth import GENERATOR_VERSION, SynthConfig, config_from_record, synthesiz
 __all__ = [
     "RSNA_LABELS",
     "SPLITS",
+    "Augmentation",
     "Dataset",
     "PreparedSplit",
     "Split",

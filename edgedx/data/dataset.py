@@ -15,6 +15,14 @@ SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
+class Augmentation:
+    """What may change in a training image without changing its label."""
+
+    hflip: bool = True  # a left-right flip (not for organ laterality classes)
+    geometric: bool = True  # shift, rotate and zoom (not for images that are an organ's bounding box resized)
+
+
+@dataclass(frozen=True)
 class Split:
     """One split: ``ids[i]`` names image ``i`` (a file path or ``npz:key[i]``), ``labels[i]`` its class.
 
@@ -48,9 +56,7 @@ class Dataset:
         class_names: Name of each class index; of each label for a multi-label dataset, whose
             splits have (N, L) 0/1 labels (the first label is the headline, e.g. ``any``).
         splits: ``train``, ``val`` and ``test``.
-        hflip_ok: Whether a left-right flip keeps the label (not for organ laterality classes).
-        geometric_ok: Whether shifts, rotations and zooms keep the evidence (not for images that
-            are an organ's bounding box resized, whose frame is the organ's extent).
+        augmentation: What training may change in an image without changing its label.
         default_size: Input size a model should use when the user gives none.
         synthetic: What made the data, when it is the embedded synthetic set: ``edgedx.data.synth``'s
             settings, recorded in manifests instead of a path so any machine can make it again.
@@ -63,8 +69,7 @@ class Dataset:
     input: InputKind
     class_names: tuple[str, ...]
     splits: dict[str, Split]
-    hflip_ok: bool = True
-    geometric_ok: bool = True
+    augmentation: Augmentation = field(default_factory=Augmentation)
     default_size: int = 64
     body_parts: tuple[str, ...] = ()
     synthetic: dict[str, object] | None = None  # the generator's settings, for the embedded synthetic data

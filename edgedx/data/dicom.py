@@ -515,6 +515,5 @@ def read_study_folder(
         input=input_kind,
         class_names=tuple(targets) if len(targets) > 1 else (f"no-{targets[0]}", targets[0]),
         splits=splits,
-        hflip_ok=True,
         default_size=64,
     )

@@ -77,6 +77,5 @@ def read_image_folder(folder: Path | str, *, seed: int = 0) -> Dataset:
         input="intensity",
         class_names=class_names,
         splits=splits,
-        hflip_ok=True,
         default_size=min(128, max(first.shape)),
     )
