@@ -316,11 +316,6 @@ class _Run:
         """The parent's test decisions, which every step's flips count against."""
         return decisions(self.parent_scores["test"], self.parent_threshold)
 
-    @functools.cached_property
-    def parent_train_scores(self) -> np.ndarray:
-        """The parent's (uncalibrated) scores on the training inputs, for the final calibrations."""
-        return predict_scores(self.teacher, self.data.x["train"], self.activation)
-
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.data.y["train"]) / self.train_config.batch_size)
@@ -942,7 +937,10 @@ def _calibrations(
         return logits_of(np.concatenate([train_scores, scores["val"]]), multilabel)
 
     parent_calibration = run.parent.calibration(KERAS_ROLE)
-    target = parent_calibration.apply(fit_and_val_logits(run.parent_train_scores, run.parent_scores))
+    if float_stage.name == "parent" and same:  # nothing was made from the parent but its own float32 TFLite
+        return parent_calibration, parent_calibration
+    parent_train = predict_scores(run.teacher, prepared.x["train"], activation)
+    target = parent_calibration.apply(fit_and_val_logits(parent_train, run.parent_scores))
     if float_stage.name == "parent":
         float_calibration = parent_calibration
     else:
