@@ -11,6 +11,7 @@ from conftest import needs_tf
 
 from edgedx.bundle import MANIFEST, read_bundle
 from edgedx.compress import CompressConfig, compress
+from edgedx.compress._pipeline import LATENCY_TIE
 from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import CompressionRefused, ConfigError
 from edgedx.preprocess import to_model_inputs
@@ -377,7 +378,11 @@ def test_auto_precision_keeps_the_fastest_that_passes(parent, tmp_path):
     assert set(candidates) == {"float32", "float16", "dynamic", "int8"}
     winner = candidates[record["winner"]]
     assert winner["passes_guard"]
-    assert all(winner["p50_ms"] <= c["p50_ms"] for c in candidates.values() if c["passes_guard"])
+    passing = [c for c in candidates.values() if c["passes_guard"]]
+    fastest = min(c["p50_ms"] for c in passing)
+    # the fastest, or a smaller file whose latency is within LATENCY_TIE of it (a tie on a shared machine)
+    tied = [c for c in passing if c["p50_ms"] <= fastest * (1 + LATENCY_TIE)]
+    assert winner in tied and winner["bytes"] == min(c["bytes"] for c in tied)
     assert result.bundle.manifest.deploy == f"tflite-{record['winner']}"
     assert record["winner"] in record["reason"] and "host" in record["reason"]
     Model.load(result.bundle.path)  # the winner is deployable
