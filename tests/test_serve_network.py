@@ -176,10 +176,14 @@ def test_half_open_connections_do_not_lock_a_scanner_out(daemon, tiny_headct):
         began = time.monotonic()
         assert send(port, instances(tiny_headct, 2, tag="half-open")) == [0x0000, 0x0000]
         assert time.monotonic() - began < 5
-        status = proc_status(process.process.pid)
         # at most 4 x 8 connections are held, two threads each (pynetdicom's association and DUL
-        # threads): the rest were closed on arrival
-        assert status["Threads"] - threads_before <= 2 * 4 * 8 + 4
+        # threads): the rest are closed on arrival. On a loaded machine the threads of connections
+        # being dropped take a moment to end, so the bound has to hold within seconds, not at once.
+        wait_for(
+            lambda: proc_status(process.process.pid)["Threads"] - threads_before <= 2 * 4 * 8 + 4,
+            timeout=10,
+            what="the daemon's threads to fall within the bound of held connections",
+        )
     finally:
         for s in silent:
             s.close()
