@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from pydicom.multival import MultiValue
 
+from .data.cache import CachedInputs, input_batches
 from .errors import BundleError, ConfigError
 from .preprocess import resize_area
 
@@ -41,6 +42,8 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 MIN_FEATURE_SPREAD = 0.25
 EXPLAINED_VARIANCE = 0.99
 DEFAULT_TARGET_RATE = 0.005
+#: Training inputs the guard's PCA is fitted on at most (a sample of a big data set is plenty).
+FIT_INPUTS = 4096
 #: Body parts (Body Part Examined, 0018,0015; DICOM PS3.16 CID 4031) that name the same region.
 BODY_PART_ALIASES: tuple[frozenset[str], ...] = (frozenset({"HEAD", "BRAIN", "SKULL"}),)
 
@@ -232,8 +235,8 @@ class InputGuard:
 
 
 def fit_guard(
-    train: np.ndarray,
-    val: np.ndarray,
+    train: np.ndarray | CachedInputs,
+    val: np.ndarray | CachedInputs,
     scope: Scope,
     *,
     target_rate: float = DEFAULT_TARGET_RATE,
@@ -242,7 +245,8 @@ def fit_guard(
     """Fit the content guard on training inputs and set its limits on validation inputs.
 
     Args:
-        train: Normalised model inputs of the training split (N, S, S, C).
+        train: Normalised model inputs of the training split (N, S, S, C); at most
+            :data:`FIT_INPUTS` of them, evenly spaced, are fitted on.
         val: The validation split's, which the limits are taken from (never the test split).
         scope: The header scope to carry along.
         target_rate: Largest share of validation inputs flagged; each statistic gets half of it.
@@ -252,7 +256,8 @@ def fit_guard(
         raise ConfigError(f"guard target rate must be in (0, 0.5), got {target_rate}")
     if len(train) < 8 or len(val) < 2:
         raise ConfigError("the guard needs at least 8 training and 2 validation inputs")
-    features = input_features(train).astype(np.float64)
+    fitted_on = np.unique(np.linspace(0, len(train) - 1, min(len(train), FIT_INPUTS)).round().astype(int))
+    features = input_features(np.asarray(train[fitted_on])).astype(np.float64)
     mean = features.mean(axis=0)
     spread = np.maximum(features.std(axis=0), MIN_FEATURE_SPREAD)
     z = (features - mean) / spread
@@ -271,12 +276,13 @@ def fit_guard(
         q_limit=1.0,
         target_rate=target_rate,
     )
-    t2, q = guard.statistics(val)
+    t2, q = (np.concatenate(v) for v in zip(*(guard.statistics(b) for b in input_batches(val, 1024)), strict=True))
     level = 1.0 - target_rate / 2
     limits = {"t2_limit": float(np.quantile(t2, level)), "q_limit": float(np.quantile(q, level))}
     fitted = replace(guard, **{k: max(v, 1e-9) for k, v in limits.items()})
     return fitted.with_rates(val=flag_rate(fitted, val))
 
 
-def flag_rate(guard: InputGuard, x: np.ndarray) -> float:
-    return float(np.mean(guard.scores(x) > 1.0)) if len(x) else 0.0
+def flag_rate(guard: InputGuard, x: np.ndarray | CachedInputs) -> float:
+    flagged = sum(int(np.sum(guard.scores(batch) > 1.0)) for batch in input_batches(x, 1024))
+    return flagged / len(x) if len(x) else 0.0

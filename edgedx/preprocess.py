@@ -257,10 +257,18 @@ def to_model_inputs(images: Iterable[np.ndarray], spec: PreprocessSpec) -> np.nd
     return np.stack(batch)
 
 
-def channel_statistics(scaled: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of scaled inputs (N, S, S, C); a flat channel gets std 1."""
-    axes = tuple(range(scaled.ndim - 1))
-    mean = scaled.mean(axis=axes, dtype=np.float64)
-    std = scaled.std(axis=axes, dtype=np.float64)
+def channel_statistics(chunks: Iterable[np.ndarray]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of scaled inputs given in chunks (n, S, S, C); a flat channel gets std 1.
+
+    Accumulates in float64 one chunk at a time, so a split on disk is never all in memory.
+    """
+    count, total, squares = 0, 0.0, 0.0
+    for chunk in chunks:
+        flat = chunk.reshape(-1, chunk.shape[-1]).astype(np.float64)
+        count, total, squares = count + len(flat), total + flat.sum(axis=0), squares + (flat**2).sum(axis=0)
+    if not count:
+        raise DataError("no inputs to take channel statistics of")
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
     std = np.where(std < 1e-6, 1.0, std)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)

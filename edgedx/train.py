@@ -31,11 +31,11 @@ from .bundle import (
     write_bundle,
 )
 from .calibration import Calibration, fit_to_labels
-from .data import Augmentation, Dataset, prepare_split
+from .data import Augmentation, CachedInputs, Dataset, cache_split, input_batches
 from .errors import ConfigError, DataError
 from .guard import GUARD_FILE, Scope, fit_guard, flag_rate
 from .outputs import probabilities
-from .preprocess import PreprocessSpec, channel_statistics, normalize, parse_windows
+from .preprocess import PreprocessSpec, channel_statistics, parse_windows
 
 #: ``progress(stage, done, total)``: long steps report through this (the CLI draws progress bars).
 ProgressFn = Callable[[str, int, int], None]
@@ -43,6 +43,9 @@ ProgressFn = Callable[[str, int, int], None]
 EpochFn = Callable[[int, dict[str, float]], None]
 
 THRESHOLD_POLICIES = ("youden", "sensitivity")
+#: Training examples shuffled together: about as many as the embedded default's training split, so
+#: a bigger data set takes no more memory.
+SHUFFLE_BUFFER = 1024
 #: Validation AUCs closer than this are a tie for early stopping.
 AUC_TIE = 1e-4
 SYNTHETIC_ONLY = (
@@ -102,33 +105,33 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A dataset as normalised arrays, with the spec that made them."""
+    """A dataset's normalised model inputs, read from the preprocessed cache, with the spec that made them."""
 
     spec: PreprocessSpec
-    x: dict[str, np.ndarray]
+    x: dict[str, CachedInputs]
     y: dict[str, np.ndarray]
     fingerprints: dict[str, str]
 
 
 def prepare_data(dataset: Dataset, spec: PreprocessSpec, progress: ProgressFn | None = None) -> PreparedData:
-    """Preprocess every split with ``spec``.
+    """Every split scaled with ``spec`` into the preprocessed cache (or found there), normalised on read.
 
     A spec without normalisation statistics gets them from the training split (training); a spec
     that has them (a bundle's, when compressing) is used as it is, so inputs match the parent model.
     """
     if spec.input != dataset.input:
         raise ConfigError(f"{dataset.source} holds {dataset.input!r} images; the preprocessing expects {spec.input!r}")
-    prepared = {}
-    for name, split in dataset.splits.items():
+    cached = {}
+    for name in dataset.splits:
         report = (lambda done, total, n=name: progress(f"preprocess {n}", done, total)) if progress else None
-        prepared[name] = prepare_split(split, spec, progress=report)
+        cached[name] = cache_split(dataset, name, spec, progress=report)
     if not spec.mean:
-        spec = spec.with_normalization(*channel_statistics(prepared["train"].x))
+        spec = spec.with_normalization(*channel_statistics(cached["train"].inputs.shards()))
     return PreparedData(
         spec=spec,
-        x={n: normalize(p.x, spec.mean, spec.std) for n, p in prepared.items()},
-        y={n: p.y for n, p in prepared.items()},
-        fingerprints={n: p.fingerprint for n, p in prepared.items()},
+        x={n: c.inputs.normalised(spec.mean, spec.std) for n, c in cached.items()},
+        y={n: c.y for n, c in cached.items()},
+        fingerprints={n: c.fingerprint for n, c in cached.items()},
     )
 
 
@@ -139,27 +142,49 @@ def training_spec(dataset: Dataset, size: int, windows: tuple[str, ...]) -> Prep
     )
 
 
-def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Raw outputs of a Keras model, (N, outputs).
+def predict_logits(model, x: np.ndarray | CachedInputs, batch_size: int = 256) -> np.ndarray:
+    """Raw outputs of a Keras model, (N, outputs), computed batch by batch (inputs may be on disk).
 
-    A model trained by several workers is called batch by batch on this worker alone: its
-    ``predict`` would shard the inputs over the workers, and every worker needs every output
-    (each chooses the same best epoch from the same validation AUC).
+    A model trained by several workers is called on this worker alone: its ``predict`` would
+    shard the inputs over the workers, and every worker needs every output (each chooses the same
+    best epoch from the same validation AUC).
     """
     from ._tf import tf
 
-    if isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return np.concatenate(
-            [np.asarray(model(x[i : i + batch_size], training=False), np.float64) for i in range(0, len(x), batch_size)]
-        )
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), np.float64)
+    alone = isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    outputs = [
+        np.asarray(model(batch, training=False) if alone else model.predict_on_batch(batch), np.float64)
+        for batch in input_batches(x, batch_size)
+    ]
+    return np.concatenate(outputs) if outputs else np.empty((0, model.output_shape[-1]))
 
 
 def predict_scores(
-    model, x: np.ndarray, activation: str, batch_size: int = 256, calibration: Calibration | None = None
+    model, x: np.ndarray | CachedInputs, activation: str, batch_size: int = 256, calibration: Calibration | None = None
 ) -> np.ndarray:
     """Probabilities from a Keras model: (N,) positive class for binary, (N, K) otherwise."""
     return probabilities(predict_logits(model, x, batch_size), activation, calibration)
+
+
+def _shuffled_examples(tf, x: CachedInputs, targets: np.ndarray, seed: int):
+    """Every training example once per epoch, read shard by shard from the cache: the shards in a
+    new order each epoch, four interleaved, then shuffled in a buffer of :data:`SHUFFLE_BUFFER`
+    examples. Memory holds a few shards and the buffer, whatever the split's size."""
+    bounds = np.cumsum((0, *x.shard_sizes))
+    shards = len(x.shard_sizes)
+
+    def read(i):
+        return x.shard(int(i)), targets[bounds[i] : bounds[i + 1]]
+
+    def examples_of(i):
+        images, labels = tf.numpy_function(read, [i], (tf.float32, tf.as_dtype(targets.dtype)), stateful=False)
+        images = tf.ensure_shape(images, (None, *x.image_shape))
+        labels = tf.ensure_shape(labels, (None, *targets.shape[1:]))
+        return tf.data.Dataset.from_tensor_slices((images, labels))
+
+    order = tf.data.Dataset.range(shards).shuffle(shards, seed=seed, reshuffle_each_iteration=True)
+    examples = order.interleave(examples_of, cycle_length=4, block_length=1)
+    return examples.shuffle(min(len(x), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
 
 
 def _augmenter(keras, augmentation: Augmentation):
@@ -209,10 +234,8 @@ def fit(
         counts = np.bincount(y, minlength=2)
         class_weight = {c: len(y) / (len(counts) * n) for c, n in enumerate(counts) if n}
         targets = y.astype(np.float32)[:, None] if activation == "sigmoid" else y
-    ds = tf.data.Dataset.from_tensor_slices((x, targets)).shuffle(
-        len(x), seed=config.seed, reshuffle_each_iteration=True
-    )
-    ds = ds.batch(config.batch_size)  # the global batch: several workers split each one
+    # the global batch: several workers split each one
+    ds = _shuffled_examples(tf, x, targets, config.seed).batch(config.batch_size)
     shard = tf.data.Options()
     shard.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.with_options(shard)
@@ -356,9 +379,6 @@ def train(
         raise ConfigError(f"{out} already exists; choose another --out or remove it first")
     _check_classes(dataset)
     start = time.perf_counter()
-    strategy = distributed.strategy(cluster)  # before TensorFlow makes any tensor
-    keras.utils.set_random_seed(config.seed)
-    tf.config.experimental.enable_op_determinism()
     parent = read_bundle(init) if init is not None else None
     if parent is not None:
         _check_parent(parent, dataset)
@@ -371,7 +391,10 @@ def train(
         config = replace(config, arch=arch.name, width=arch.width)
     else:
         spec = training_spec(dataset, config.input_size or dataset.default_size, config.windows)
-    data = prepare_data(dataset, spec, progress)
+    data = prepare_data(dataset, spec, progress)  # forks its workers before TensorFlow starts threads
+    strategy = distributed.strategy(cluster)  # before TensorFlow makes any tensor
+    keras.utils.set_random_seed(config.seed)
+    tf.config.experimental.enable_op_determinism()
     with strategy.scope():  # variables mirrored on every worker; fit() compiles in the same scope
         model = _initial_model(parent, config, data.spec, dataset)
     activation = "softmax" if dataset.task == "multiclass" else "sigmoid"

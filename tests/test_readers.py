@@ -14,7 +14,6 @@ import pytest
 
 from edgedx.data import load_dataset, read_image, read_medmnist, read_study_folder
 from edgedx.errors import DataError, DicomError, LabelError
-from edgedx.preprocess import PreprocessSpec
 
 
 @pytest.fixture
@@ -250,12 +249,3 @@ class TestLoadDataset:
         (tmp_path / "a.csv").write_text("x")
         with pytest.raises(DataError, match="must be a MedMNIST .npz"):
             load_dataset(tmp_path / "a.csv")
-
-    def test_prepare_split_fingerprint_is_stable(self, tiny_npz):
-        from edgedx.data import prepare_split
-
-        split = read_medmnist(tiny_npz).splits["val"]
-        spec = PreprocessSpec(size=8, input="intensity")
-        a, b = prepare_split(split, spec), prepare_split(split, spec)
-        assert a.fingerprint == b.fingerprint and a.x.shape == (24, 8, 8, 1)
-        assert a.x.min() >= 0 and a.x.max() <= 1

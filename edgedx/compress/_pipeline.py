@@ -26,7 +26,7 @@ from ..bundle import (
     write_bundle,
 )
 from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
-from ..data import Augmentation, recorded_dataset
+from ..data import Augmentation, input_batches, recorded_dataset
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
@@ -153,7 +153,10 @@ def _tflite_scores(
         path = Path(tmp) / "model.tflite"
         path.write_bytes(model.content)
         runner = TFLiteRunner(path, input_record=model.input, output_record=model.output, threads=None)
-        return {s: probabilities(runner.logits(data.x[s]), activation) for s in splits}
+        return {
+            s: probabilities(np.concatenate([runner.logits(b) for b in input_batches(data.x[s], 256)]), activation)
+            for s in splits
+        }
 
 
 def _matching_threshold(

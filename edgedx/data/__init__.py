@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import DataError
-from .dataset import SPLITS, Augmentation, Dataset, PreparedSplit, Split, prepare_split
+from .cache import CachedInputs, CachedSplit, cache_root, cache_split, input_batches
+from .dataset import SPLITS, Augmentation, Dataset, Split
 from .dicom import RSNA_LABELS, image_from_dataset, read_dataset, read_image, read_study_folder
 from .folder import read_image_folder
 from .medmnist import read_medmnist
@@ -20,15 +21,18 @@ __all__ = [
     "RSNA_LABELS",
     "SPLITS",
     "Augmentation",
+    "CachedInputs",
+    "CachedSplit",
     "Dataset",
-    "PreparedSplit",
     "Split",
     "SynthConfig",
+    "cache_root",
+    "cache_split",
     "default_dataset",
     "default_dataset_dir",
     "image_from_dataset",
+    "input_batches",
     "load_dataset",
-    "prepare_split",
     "read_dataset",
     "read_image",
     "read_image_folder",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import DataError
-from ..preprocess import InputKind, PreprocessSpec, scale_and_resize
+from ..preprocess import InputKind
 
 SPLITS = ("train", "val", "test")
 
@@ -127,28 +126,3 @@ class Dataset:
                 for s, sp in self.splits.items()
             },
         }
-
-
-@dataclass(frozen=True)
-class PreparedSplit:
-    """A split turned into arrays: ``x`` float32 (N, S, S, C) scaled to [0, 1] but not normalised."""
-
-    x: np.ndarray
-    y: np.ndarray
-    fingerprint: str  # SHA-256 of the raw images and labels, independent of preprocessing
-
-
-def prepare_split(
-    split: Split, spec: PreprocessSpec, progress: Callable[[int, int], None] | None = None
-) -> PreparedSplit:
-    """Read every image once: hash it raw and scale it with ``spec`` (normalisation comes later)."""
-    digest = hashlib.sha256()
-    x = np.empty((len(split), spec.size, spec.size, spec.channels), np.float32)
-    for i, image in enumerate(split.images()):
-        digest.update(np.ascontiguousarray(image).tobytes())
-        x[i] = scale_and_resize(image, spec)
-        if progress:
-            progress(i + 1, len(split))
-    labels = split.labels.astype(np.int64)
-    digest.update(labels.tobytes())
-    return PreparedSplit(x=x, y=labels, fingerprint=digest.hexdigest())
