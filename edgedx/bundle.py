@@ -134,7 +134,7 @@ class LossRecord:
 class CompressionRecord:
     parent: ParentRecord
     config: Section  # the CompressConfig
-    data_matches_parent: bool
+    data_matches_parent: bool | None  # None: the parent's fingerprint predates edgedx.data.cache's scheme
     steps: tuple[Section, ...]  # one report row per step
     seconds: float
     loss_against_parent: LossRecord | None = None

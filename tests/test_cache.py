@@ -11,6 +11,7 @@ import pytest
 
 from edgedx.data import cache as cache_module
 from edgedx.data import cache_split, read_medmnist
+from edgedx.data.cache import same_data
 from edgedx.errors import DataError
 from edgedx.preprocess import PreprocessSpec, channel_statistics, scale_and_resize
 
@@ -74,6 +75,8 @@ def test_the_fingerprint_follows_the_pixels_and_the_labels(tiny_npz, tmp_path):
     flipped = replace(split, labels=1 - split.labels)
     relabelled = replace(dataset, splits={**dataset.splits, "val": flipped})
     assert cache_split(relabelled, "val", SPEC, root=tmp_path, workers=1).fingerprint != base
+    assert same_data(base, base) is True and same_data(base, base[:-1] + "0") is False
+    assert same_data(base, "ab" * 32) is None and same_data(base, None) is None  # an older bundle's: unknown
 
 
 def test_a_changed_file_makes_a_new_entry(tiny_npz, tmp_path):

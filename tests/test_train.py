@@ -10,6 +10,7 @@ from conftest import needs_tf
 
 from edgedx.bundle import MANIFEST, ParentRecord, read_bundle
 from edgedx.data import Augmentation, load_dataset, recorded_dataset
+from edgedx.data.cache import FINGERPRINT_SCHEME
 from edgedx.errors import ConfigError
 from edgedx.preprocess import to_model_inputs
 from edgedx.train import TrainConfig, predict_scores, train  # TF itself is imported lazily
@@ -44,7 +45,9 @@ def test_manifest_is_complete(trained):
         assert {"auc", "auc_ci95", "accuracy", "sensitivity", "specificity", "ppv", "npv"} <= set(m.metrics[split])
     assert m.input.shape == (1, 16, 16, 1) and m.task.class_names == ("class-0", "class-1")
     assert 0 <= m.threshold.value <= 1 and m.threshold.policy == "youden"
-    assert len(m.train_fingerprint) == 64
+    assert (
+        m.train_fingerprint.startswith(FINGERPRINT_SCHEME) and len(m.train_fingerprint) == len(FINGERPRINT_SCHEME) + 64
+    )
     assert m.arch.name == "seed-cnn" and m.arch.parameters > 0
     assert m.preprocess.mean and m.preprocess.std
     assert (result.bundle.path / "history.json").is_file()

@@ -27,6 +27,7 @@ from ..bundle import (
 )
 from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
 from ..data import Augmentation, input_batches, recorded_dataset
+from ..data.cache import same_data
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
@@ -878,7 +879,7 @@ def _write(
         compression=CompressionRecord(
             parent=parent.parent_record(),
             config=asdict(config),
-            data_matches_parent=prepared.fingerprints["train"] == manifest.train_fingerprint,
+            data_matches_parent=same_data(prepared.fingerprints["train"], manifest.train_fingerprint),
             steps=tuple(rows),
             loss_against_parent=loss,
             search=search.record if search else None,

@@ -34,6 +34,8 @@ CACHE_VERSION = 1
 #: Largest shard; peak memory of a reader is a few shards, whatever the split's size.
 SHARD_BYTES = 16 * 2**20
 _COMPLETE = "meta.json"
+#: Names how a split's fingerprint is made: SHA-256 over the SHA-256 of each raw image, then the labels.
+FINGERPRINT_SCHEME = "sha256-of-images:"
 
 
 def cache_root() -> Path:
@@ -118,7 +120,15 @@ class CachedSplit:
 def _fingerprint(image_digests: np.ndarray, labels: np.ndarray) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(image_digests).tobytes())
     digest.update(labels.astype(np.int64).tobytes())
-    return digest.hexdigest()
+    return FINGERPRINT_SCHEME + digest.hexdigest()
+
+
+def same_data(fingerprint: str, recorded: str | None) -> bool | None:
+    """Whether a split's fingerprint matches one a manifest recorded; None when the manifest's is
+    of the scheme before this one (a bare SHA-256 of all raw images, made before the cache)."""
+    if not recorded or not recorded.startswith(FINGERPRINT_SCHEME):
+        return None
+    return fingerprint == recorded
 
 
 def _file_stamps(ids: Sequence[str], source: str) -> list[object]:
