@@ -257,7 +257,9 @@ def fit_guard(
     if len(train) < 8 or len(val) < 2:
         raise ConfigError("the guard needs at least 8 training and 2 validation inputs")
     fitted_on = np.unique(np.linspace(0, len(train) - 1, min(len(train), FIT_INPUTS)).round().astype(int))
-    features = input_features(np.asarray(train[fitted_on])).astype(np.float64)
+    # a batch at a time: the sample of a big data set's inputs would be hundreds of MB at once
+    parts = np.array_split(fitted_on, -(-len(fitted_on) // 256))
+    features = np.concatenate([input_features(train[part]) for part in parts]).astype(np.float64)
     mean = features.mean(axis=0)
     spread = np.maximum(features.std(axis=0), MIN_FEATURE_SPREAD)
     z = (features - mean) / spread

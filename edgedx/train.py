@@ -7,6 +7,7 @@ the training split, so the runtime replays them exactly from the bundle's spec. 
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,9 +44,9 @@ ProgressFn = Callable[[str, int, int], None]
 EpochFn = Callable[[int, dict[str, float]], None]
 
 THRESHOLD_POLICIES = ("youden", "sensitivity")
-#: Training examples shuffled together: about as many as the embedded default's training split, so
-#: a bigger data set takes no more memory.
-SHUFFLE_BUFFER = 1024
+#: Cache shards (16 MB each) whose examples are shuffled together: 64 MB, the embedded default's
+#: whole training split; a bigger data set takes no more memory.
+POOLED_SHARDS = 4
 #: Validation AUCs closer than this are a tie for early stopping.
 AUC_TIE = 1e-4
 SYNTHETIC_ONLY = (
@@ -166,25 +167,39 @@ def predict_scores(
     return probabilities(predict_logits(model, x, batch_size), activation, calibration)
 
 
-def _shuffled_examples(tf, x: CachedInputs, targets: np.ndarray, seed: int):
-    """Every training example once per epoch, read shard by shard from the cache: the shards in a
-    new order each epoch, four interleaved, then shuffled in a buffer of :data:`SHUFFLE_BUFFER`
-    examples. Memory holds a few shards and the buffer, whatever the split's size."""
+def _shuffled_batches(tf, x: CachedInputs, targets: np.ndarray, batch_size: int, seed: int):
+    """Training batches, every example once per epoch, read from the cache :data:`POOLED_SHARDS`
+    shards at a time: the shards in a new order each epoch, each pool's examples permuted.
+
+    Memory holds one pool, whatever the split's size (the embedded default's training split is one
+    pool, so it is shuffled whole). Shuffling in numpy, not in a ``tf.data`` shuffle buffer, is on
+    purpose: buffered elements are slices that keep their whole shard alive, which made memory grow
+    with the number of shards.
+    """
     bounds = np.cumsum((0, *x.shard_sizes))
-    shards = len(x.shard_sizes)
+    epochs = itertools.count()
 
-    def read(i):
-        return x.shard(int(i)), targets[bounds[i] : bounds[i + 1]]
+    def batches():
+        rng = np.random.default_rng([seed, next(epochs)])
+        order = rng.permutation(len(x.shard_sizes))
+        left_x, left_y = np.empty((0, *x.image_shape), np.float32), targets[:0]
+        for first in range(0, len(order), POOLED_SHARDS):
+            pool = order[first : first + POOLED_SHARDS]
+            images = np.concatenate([left_x, *(x.shard(i) for i in pool)])
+            labels = np.concatenate([left_y, *(targets[bounds[i] : bounds[i + 1]] for i in pool)])
+            mixed = rng.permutation(len(images))
+            whole = len(mixed) - len(mixed) % batch_size
+            for start in range(0, whole, batch_size):
+                yield images[mixed[start : start + batch_size]], labels[mixed[start : start + batch_size]]
+            left_x, left_y = images[mixed[whole:]], labels[mixed[whole:]]
+        if len(left_x):
+            yield left_x, left_y
 
-    def examples_of(i):
-        images, labels = tf.numpy_function(read, [i], (tf.float32, tf.as_dtype(targets.dtype)), stateful=False)
-        images = tf.ensure_shape(images, (None, *x.image_shape))
-        labels = tf.ensure_shape(labels, (None, *targets.shape[1:]))
-        return tf.data.Dataset.from_tensor_slices((images, labels))
-
-    order = tf.data.Dataset.range(shards).shuffle(shards, seed=seed, reshuffle_each_iteration=True)
-    examples = order.interleave(examples_of, cycle_length=4, block_length=1)
-    return examples.shuffle(min(len(x), SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True)
+    signature = (
+        tf.TensorSpec((None, *x.image_shape), tf.float32),
+        tf.TensorSpec((None, *targets.shape[1:]), tf.as_dtype(targets.dtype)),
+    )
+    return tf.data.Dataset.from_generator(batches, output_signature=signature)
 
 
 def _augmenter(keras, augmentation: Augmentation):
@@ -235,7 +250,7 @@ def fit(
         class_weight = {c: len(y) / (len(counts) * n) for c, n in enumerate(counts) if n}
         targets = y.astype(np.float32)[:, None] if activation == "sigmoid" else y
     # the global batch: several workers split each one
-    ds = _shuffled_examples(tf, x, targets, config.seed).batch(config.batch_size)
+    ds = _shuffled_batches(tf, x, targets, config.batch_size, config.seed)
     shard = tf.data.Options()
     shard.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     ds = ds.with_options(shard)
@@ -412,6 +427,7 @@ def train(
     calibration = fit_to_labels(predict_logits(model, data.x["val"]), data.y["val"])
     threshold, measured = evaluate_model(model, data, activation, config, calibration, list(dataset.class_names))
     if not writes:
+        distributed.barrier(strategy)  # until the chief has written the bundle
         return TrainResult(bundle=None, metrics=measured, seconds=time.perf_counter() - start)
     guard = fit_guard(data.x["train"], data.x["val"], Scope.for_training(_modalities(dataset), dataset.body_parts))
     guard = guard.with_rates(test=flag_rate(guard, data.x["test"]))
@@ -458,6 +474,7 @@ def train(
             files={"history.json": history, GUARD_FILE: guard.arrays()},
             overwrite=overwrite,
         )
+    distributed.barrier(strategy)  # the other workers may exit now
     return TrainResult(bundle=bundle, metrics=measured, seconds=seconds)
 
 

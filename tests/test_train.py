@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -226,28 +227,32 @@ def test_multilabel_any_and_subtypes(tiny_headct, tmp_path):
 
 
 def test_training_reads_every_example_once_per_epoch_from_the_cache(tiny_npz, tmp_path, monkeypatch):
-    """Shards in a new order each epoch, every example exactly once, the same run for the same seed."""
+    """A new order each epoch, every example exactly once, pools of shards mixed, the same run for the same seed."""
     from edgedx._tf import tf
     from edgedx.data import cache as cache_module
     from edgedx.data import cache_split
     from edgedx.preprocess import PreprocessSpec
-    from edgedx.train import _shuffled_examples
+    from edgedx.train import _shuffled_batches
 
-    monkeypatch.setattr(cache_module, "SHARD_BYTES", 10 * 4 * 4 * 4)  # 10 images a shard
+    monkeypatch.setattr(cache_module, "SHARD_BYTES", 10 * 4 * 4 * 4)  # 10 images a shard, 7 shards, 2 pools
     cached = cache_split(load_dataset(tiny_npz), "train", PreprocessSpec(size=4, input="intensity"), root=tmp_path)
     targets = np.arange(len(cached.inputs), dtype=np.int64)  # each example's own index as its label
     expected = np.asarray(cached.inputs)
 
     def epochs(seed: int) -> list[list[int]]:
-        examples = _shuffled_examples(tf, cached.inputs, targets, seed)
+        batches = _shuffled_batches(tf, cached.inputs, targets, 16, seed)
         seen = []
         for _ in range(2):
-            images, labels = zip(*((x.numpy(), int(y)) for x, y in examples), strict=True)
-            np.testing.assert_array_equal(np.stack(images), expected[list(labels)])  # images keep their labels
-            seen.append(list(labels))
+            order = []
+            for images, labels in batches:
+                assert len(labels) <= 16
+                np.testing.assert_array_equal(images.numpy(), expected[labels.numpy()])  # images keep their labels
+                order += labels.numpy().tolist()
+            seen.append(order)
         return seen
 
     first, second = epochs(seed=3)
     assert sorted(first) == sorted(second) == list(range(64))
     assert first != second
+    assert any(abs(a - b) >= 10 for a, b in itertools.pairwise(first))  # neighbours from other shards
     assert epochs(seed=3) == [first, second]

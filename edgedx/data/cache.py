@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..preprocess import PreprocessSpec, normalize, scale_and_resize
+from ..preprocess import PreprocessSpec, scale_and_resize
 from .dataset import Dataset, Split
 
 #: Bumped when the layout or the scaling of cached inputs changes.
@@ -76,8 +76,12 @@ class CachedInputs:
         return CachedInputs(self.shard_files, self.shard_sizes, self.image_shape, tuple(mean), tuple(std))
 
     def shard(self, index: int) -> np.ndarray:
-        """Shard ``index`` as float32 (n, S, S, C), normalised."""
-        return normalize(np.load(self.shard_files[index]), self.mean, self.std).astype(np.float32, copy=False)
+        """Shard ``index`` as float32 (n, S, S, C), normalised in place (no temporary copies)."""
+        x = np.load(self.shard_files[index])
+        if self.mean:
+            x -= np.asarray(self.mean, np.float32)
+            x /= np.asarray(self.std, np.float32)
+        return x
 
     def shards(self) -> Iterator[np.ndarray]:
         return (self.shard(i) for i in range(len(self.shard_files)))
