@@ -66,6 +66,19 @@ def strategy(cluster: Cluster | None):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def barrier(strategy) -> None:
+    """Return once every worker has called this (an all-reduce of one number); no-op on one machine.
+
+    Training ends with the chief still at work (calibration, the guard, writing the bundle). A
+    worker that exits meanwhile stops sending heartbeats, and the chief's coordination service then
+    fails the whole job (tensorflow/tensorflow#58434), so every worker waits here for the chief.
+    """
+    from ._tf import tf
+
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
 def local_addresses(count: int) -> list[str]:
     """``count`` free ``localhost:port`` addresses: a cluster on one machine (tests, benchmarks, a first try)."""
     sockets = [socket.socket() for _ in range(count)]

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import needs_tf
 
-from edgedx.bundle import read_bundle
+from edgedx.bundle import MANIFEST, read_bundle
 from edgedx.distributed import cluster_from_env, local_addresses
 from edgedx.errors import ConfigError
 
@@ -34,23 +34,40 @@ def test_cluster_from_tf_config():
         cluster_from_env(_tf_config(["a:1", "b:2"], 0, kind="ps"))
 
 
+#: The chief as ``edgedx``, but 15 s slower to write its bundle, as the guard and calibration of a
+#: big data set make it: a worker that does not wait for the chief has long exited by then (and a
+#: chief whose worker has gone is failed by TensorFlow's coordination service).
+SLOW_CHIEF = """
+import time
+import edgedx.train
+write = edgedx.train.write_bundle
+edgedx.train.write_bundle = lambda *args, **kwargs: (time.sleep(15), write(*args, **kwargs))[1]
+from edgedx.cli import main
+main()
+"""
+
+
 @pytest.mark.tf
 @needs_tf
 def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz, tmp_path):
     workers = local_addresses(2)
-    command = [sys.executable, "-m", "edgedx", "train", "--data", str(tiny_npz), "--arch", "seed-cnn"]
-    command += ["--width", "0.25", "--epochs", "2", "--batch-size", "16"]
+    arguments = ["train", "--data", str(tiny_npz), "--arch", "seed-cnn", "--width", "0.25", "--epochs", "2"]
+    arguments += ["--batch-size", "16", "--out", str(tmp_path / "bundle")]  # one path, as on a shared volume
+    logs = [(tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err") for i in range(2)]
     processes = [
         subprocess.Popen(
-            [*command, "--out", str(tmp_path / "bundle")],  # one path, as on a shared volume
+            [sys.executable, "-c", SLOW_CHIEF if i == 0 else "from edgedx.cli import main; main()", *arguments],
             env={**os.environ, **_tf_config(workers, i)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+            stdout=out.open("w"),  # files, not pipes: a full pipe would stall a worker
+            stderr=err.open("w"),
         )
-        for i in range(2)
+        for i, (out, err) in enumerate(logs)
     ]
-    outputs = [p.communicate(timeout=600) for p in processes]
+    processes[1].wait(timeout=600)
+    # the worker waited for the chief: a worker that exits first fails the chief's job
+    assert (tmp_path / "bundle" / MANIFEST).is_file()
+    processes[0].wait(timeout=600)
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
     for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, out + err[-3000:]
     assert "the chief writes the bundle" in outputs[1][0]
