@@ -66,6 +66,25 @@ def strategy(cluster: Cluster | None):
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
+def local_model(model):
+    """A plain copy of a model trained under the strategy: the same weights, no distributed variables.
+
+    Every worker has to call this at the same point. Reading a batch-normalisation statistic of a
+    model trained under ``MultiWorkerMirroredStrategy`` is an all-reduce over the workers, so
+    anything the chief alone does with that model (count its parameters, save it) would wait on a
+    collective the others never join. ``get_weights`` here is the one read, made by all; the copy,
+    made outside the strategy's scope, reads locally ever after.
+    """
+    from ._tf import keras, tf
+
+    if not isinstance(model.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return model
+    weights = model.get_weights()
+    local = keras.models.clone_model(model)
+    local.set_weights(weights)
+    return local
+
+
 def barrier(strategy) -> None:
     """Return once every worker has called this (an all-reduce of one number); no-op on one machine.
 

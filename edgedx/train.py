@@ -424,6 +424,7 @@ def train(
     )
     for layer in model.layers:  # a bundle's model is whole again, whatever was frozen for fine-tuning
         layer.trainable = True
+    model = distributed.local_model(model)  # on every worker; from here on no worker waits on another
     calibration = fit_to_labels(predict_logits(model, data.x["val"]), data.y["val"])
     threshold, measured = evaluate_model(model, data, activation, config, calibration, list(dataset.class_names))
     if not writes:
