@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from dataclasses import replace
 
 import numpy as np
@@ -114,11 +115,13 @@ def test_an_interrupted_build_leaves_nothing_behind(tiny_npz, tmp_path, small_sh
 def test_a_dead_builders_scratch_folder_is_removed(tiny_npz, tmp_path):
     dataset = read_medmnist(tiny_npz)
     key = cache_module.cache_key(dataset.splits["val"], SPEC, dataset.source)
-    dead = tmp_path / f"{key}.partial-999999999-deadbeef"  # no such process
-    (dead).mkdir(parents=True)
-    (dead / "shard-00000.npy").write_bytes(b"half a shard")
+    dead = tmp_path / f"{key}.partial-{socket.gethostname()}-999999999-deadbeef"  # no such process here
+    elsewhere = tmp_path / f"{key}.partial-another-host-999999999-deadbeef"  # a shared volume's other builder
+    for scratch in (dead, elsewhere):
+        scratch.mkdir(parents=True)
+        (scratch / "shard-00000.npy").write_bytes(b"half a shard")
     cache_split(dataset, "val", SPEC, root=tmp_path, workers=1)
-    assert _entries(tmp_path) == [key]
+    assert _entries(tmp_path) == sorted([key, elsewhere.name])
 
 
 def test_channel_statistics_over_chunks_equal_the_whole(tiny_npz):

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -181,10 +182,16 @@ def _scale_shard_in_worker(start: int, stop: int, spec: PreprocessSpec, out: str
     return _scale_range(_forked_split, spec, start, stop, Path(out))
 
 
+def _scratch_name(key: str) -> str:
+    return f"{key}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def _remove_stale_partials(root: Path, key: str) -> None:
+    """Remove scratch folders of builders on this host that have died; another host's (a shared
+    volume) are left alone, as their process cannot be checked from here."""
     for partial in root.glob(f"{key}.partial-*"):
-        pid = partial.name.split("-")[-2] if partial.name.count("-") >= 2 else ""
-        if pid.isdigit() and not _alive(int(pid)):
+        host, _, rest = partial.name.removeprefix(f"{key}.partial-").rpartition("-")[0].rpartition("-")
+        if host == socket.gethostname() and rest.isdigit() and not _alive(int(rest)):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -237,7 +244,7 @@ def cache_split(
         return _open_entry(folder, split.labels)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(root, key)
-    scratch = root / f"{key}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    scratch = root / _scratch_name(key)
     scratch.mkdir()
     try:
         per_shard = max(1, SHARD_BYTES // (spec.size * spec.size * spec.channels * 4))
