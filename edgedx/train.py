@@ -268,7 +268,16 @@ def fit(
         )
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss)
     monitor = _ValidationAUC(keras, data, config, activation, steps, progress, on_epoch, select_from_epoch)
-    model.fit(ds, epochs=config.epochs, verbose=0, class_weight=class_weight, callbacks=[*(callbacks or []), monitor])
+    # One iterator for the whole run (each pass is one epoch): under MultiWorkerMirroredStrategy
+    # making a new one every epoch cost about 20 s of idle workers per epoch (benchmarks/README.md).
+    model.fit(
+        ds.repeat(),
+        steps_per_epoch=steps,
+        epochs=config.epochs,
+        verbose=0,
+        class_weight=class_weight,
+        callbacks=[*(callbacks or []), monitor],
+    )
     if monitor.best_weights is not None:
         model.set_weights(monitor.best_weights)
     return monitor.history
