@@ -131,3 +131,18 @@ def test_channel_statistics_over_chunks_equal_the_whole(tiny_npz):
     np.testing.assert_allclose(mean, x.mean(axis=(0, 1, 2), dtype=np.float64), rtol=1e-9)
     np.testing.assert_allclose(std[:2], x.std(axis=(0, 1, 2), dtype=np.float64)[:2], rtol=1e-6)
     assert std[2] == 1.0  # a flat channel
+
+
+def test_a_crashed_worker_is_a_data_error_naming_the_images(tiny_npz, tmp_path, small_shards):
+    dataset = read_medmnist(tiny_npz)
+    split = dataset.splits["train"]
+
+    def crashes(i):
+        if i == 25:
+            os._exit(1)  # a worker killed mid-shard (out of memory, a decoder crash)
+        return split.read(i)
+
+    broken = replace(dataset, splits={**dataset.splits, "train": replace(split, read=crashes)})
+    with pytest.raises(DataError, match=r"npz:.*ended abruptly"):
+        cache_split(broken, "train", SPEC, root=tmp_path, workers=2)
+    assert _entries(tmp_path) == []

@@ -20,6 +20,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -302,7 +303,13 @@ def _scale_shards(
         ]
         digests = []
         for (start, stop), future in zip(ranges, futures, strict=True):
-            digests.append(future.result())
+            try:
+                digests.append(future.result())
+            except BrokenProcessPool:
+                raise DataError(
+                    f"a process scaling images {split.ids[start]} .. {split.ids[stop - 1]} ended abruptly "
+                    "(out of memory, or a decoder crash on one of them); nothing was cached"
+                ) from None
             done += stop - start
             if progress:
                 progress(done, total)
