@@ -52,13 +52,16 @@ class TestFiles:
         assert all(len(s) == 1 for s in split_of.values()), "a patient is in two splits"
         assert {s for v in split_of.values() for s in v} == {"train", "val", "test"}
 
-    def test_deterministic_for_a_seed(self, tmp_path):
+    def test_deterministic_for_a_seed_whatever_the_number_of_processes(self, tmp_path, monkeypatch):
         from edgedx.data import synthesize
 
-        a = synthesize(tmp_path / "a", SynthConfig(studies=3, slices=1, seed=7))
-        b = synthesize(tmp_path / "b", SynthConfig(studies=3, slices=1, seed=7))
+        a = synthesize(tmp_path / "a", SynthConfig(studies=3, slices=2, seed=7))
+        monkeypatch.setattr("os.cpu_count", lambda: 1)
+        b = synthesize(tmp_path / "b", SynthConfig(studies=3, slices=2, seed=7))
         assert (a / "labels.csv").read_text() == (b / "labels.csv").read_text()
-        for f in a.rglob("*.dcm"):
+        files = sorted(a.rglob("*.dcm"))
+        assert len(files) == 6
+        for f in files:
             assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
 
     def test_refuses_to_overwrite(self, tiny_headct):

@@ -23,8 +23,12 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
+from itertools import repeat
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -465,6 +469,33 @@ def study_split(config: SynthConfig) -> list[str]:
     return names
 
 
+def _write_study(out: Path, config: SynthConfig, study: int, split: str) -> list[dict[str, object]]:
+    """Write one study's slices; return their rows of ``labels.csv``."""
+    rng = np.random.default_rng([config.seed, study])
+    head = make_head(rng)
+    lesions = make_lesions(rng, config.slices, DIFFICULTIES[config.difficulty])
+    acquisition = make_acquisition(rng) if config.scanner else Acquisition()
+    patient_id = f"SYN{config.seed:03d}P{study:05d}"
+    date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1800)))
+    (out / patient_id).mkdir(exist_ok=True)
+    rows = []
+    for index in range(config.slices):
+        image = render_slice(head, lesions, index, config.slices, rng, acquisition)
+        rel = f"{patient_id}/{index:03d}.dcm"
+        uid = write_slice_dicom(
+            out / rel,
+            image,
+            seed=config.seed,
+            study=study,
+            index=index,
+            patient_id=patient_id,
+            study_date=date,
+            acquisition=acquisition,
+        )
+        rows.append({"file": rel, "SOPInstanceUID": uid, "PatientID": patient_id, "split": split, **image.labels})
+    return rows
+
+
 def synthesize(
     out: Path | str, config: SynthConfig = SynthConfig(), progress: Callable[[int, int], None] | None = None
 ) -> Path:
@@ -477,7 +508,7 @@ def synthesize(
     Args:
         out: Folder to create; must not hold an earlier ``labels.csv``.
         config: Number of studies, slices per study, seed and difficulty.
-        progress: Called with (slices done, slices in all) after each slice.
+        progress: Called with (slices done, slices in all) after each study.
 
     Returns:
         ``out``.
@@ -486,38 +517,17 @@ def synthesize(
     if (out / "labels.csv").exists():
         raise ConfigError(f"{out} already holds a dataset (labels.csv); choose a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    difficulty = DIFFICULTIES[config.difficulty]
     splits = study_split(config)
-    rows = []
-    total, done = config.studies * config.slices, 0
-    for study in range(config.studies):
-        rng = np.random.default_rng([config.seed, study])
-        head = make_head(rng)
-        lesions = make_lesions(rng, config.slices, difficulty)
-        acquisition = make_acquisition(rng) if config.scanner else Acquisition()
-        patient_id = f"SYN{config.seed:03d}P{study:05d}"
-        date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1800)))
-        folder = out / patient_id
-        folder.mkdir(exist_ok=True)
-        for index in range(config.slices):
-            image = render_slice(head, lesions, index, config.slices, rng, acquisition)
-            rel = f"{patient_id}/{index:03d}.dcm"
-            uid = write_slice_dicom(
-                out / rel,
-                image,
-                seed=config.seed,
-                study=study,
-                index=index,
-                patient_id=patient_id,
-                study_date=date,
-                acquisition=acquisition,
-            )
-            rows.append(
-                {"file": rel, "SOPInstanceUID": uid, "PatientID": patient_id, "split": splits[study], **image.labels}
-            )
-            done += 1
+    rows: list[dict[str, object]] = []
+    total = config.studies * config.slices
+    # Every study draws from its own seeded generator, so studies are written in parallel and the
+    # files are the same whatever the number of processes.
+    workers = min(os.cpu_count() or 1, config.studies)
+    with ProcessPoolExecutor(workers, get_context("fork")) as pool:
+        for study_rows in pool.map(_write_study, repeat(out), repeat(config), range(config.studies), splits):
+            rows += study_rows
             if progress:
-                progress(done, total)
+                progress(len(rows), total)
     with open(out / "labels.csv.tmp", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["file", "SOPInstanceUID", "PatientID", "split", *LABEL_COLUMNS])
         writer.writeheader()
