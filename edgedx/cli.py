@@ -419,6 +419,11 @@ class LayerSparsity(str, Enum):
     erk = "erk"
 
 
+class StudentInit(str, Enum):
+    teacher = "teacher"
+    scratch = "scratch"
+
+
 def _steps_table(title: str, steps: list[dict[str, Any]]) -> Table:
     table = Table(title=title)
     for header in (
@@ -513,8 +518,16 @@ def compress_command(
         ),
     ] = True,
     distill_epochs: Annotated[
-        int | None, typer.Option(help="Distillation epochs (default: twice the teacher's).")
+        int | None,
+        typer.Option(help="Distillation epochs (default: the teacher's; twice that from --student-init scratch)."),
     ] = None,
+    student_init: Annotated[
+        StudentInit,
+        typer.Option(
+            help="teacher: start the student from the teacher's most active channels (same architecture, "
+            "narrower); scratch: from random weights."
+        ),
+    ] = StudentInit.teacher,
     quantize: Annotated[
         Quantization,
         typer.Option(help="TFLite precision to deploy; auto: the fastest on --device that passes the guard."),
@@ -593,6 +606,7 @@ def compress_command(
             layer_sparsity=layer_sparsity.value,
             prune_with_teacher=prune_with_teacher,
             distill_epochs=distill_epochs,
+            student_init=student_init.value,
             quantize=quantize.value,
             device=device,
             target_kb=target_kb,

@@ -100,6 +100,7 @@ def test_distill_makes_a_small_student_that_keeps_the_parents_decisions(parent, 
     result = compress(parent.path, tmp_path / "d", CompressConfig(distill=True, distill_epochs=3, quantize="none"))
     teacher, student = result.steps[0], result.steps[1]
     assert student["step"] == "distill" and student["parameters"] * 8 <= teacher["parameters"]
+    assert "from the teacher's most active channels" in student["notes"][0]
     assert student["test"]["auc"] > 0.9
     assert result.bundle.manifest.deploy == "tflite-float32"
     # its threshold is the one that agrees most with the parent on validation data, not one of its own
@@ -351,6 +352,8 @@ def test_bad_config():
         CompressConfig(structure="3:4")
     with pytest.raises(ConfigError, match="max flips must be in"):
         CompressConfig(max_flips=1.5)
+    with pytest.raises(ConfigError, match="unknown student start 'imagenet'"):
+        CompressConfig(distill=True, student_init="imagenet")
 
 
 def test_runtime_runs_compressed_bundle_without_tensorflow(parent, tmp_path):
