@@ -2,7 +2,9 @@
 
 Distill variants train a student from the teacher and save it; prune variants start from a saved
 student. A variant is ``key=value`` pairs joined by ``:``; distill keys: ``width`` (0.35),
-``epochs`` (20), ``T`` (4), ``alpha`` (0.3), ``mix`` (mixup Beta parameter, 0 = off); prune keys:
+``epochs`` (20), ``T`` (4), ``alpha`` (0.3), ``mix`` (mixup Beta parameter, 0 = off), ``init``
+(``scratch``, or ``teacher``: start from the teacher's most active channels), ``lr`` (the
+teacher's learning rate times this, 1); prune keys:
 ``sparsity`` (0.75), ``epochs`` (8), ``teacher`` (1 = fine-tune under the distillation loss),
 ``mix``. Every run appends a JSON line (validation and test AUC, seconds) to ``--out``.
 
@@ -38,6 +40,8 @@ def main() -> None:
     from edgedx._tf import keras, tf
     from edgedx.bundle import read_bundle
     from edgedx.compress import distill, prune
+    from edgedx.compress.inherit import inherit_channels
+    from edgedx.compress.quantize import representative_samples
     from edgedx.data import recorded_dataset
     from edgedx.models import count_parameters
     from edgedx.train import TrainConfig, fit, predict_scores, prepare_data
@@ -64,6 +68,9 @@ def main() -> None:
                 len(bundle.class_names),
                 width=float(options.get("width", 0.35)),
             )
+            if options.get("init", "scratch") == "teacher":
+                sample = representative_samples(data.x["train"], 256, 0)
+                inherit_channels(teacher, student, sample)
             trainer = distill.distiller(
                 teacher,
                 student,
@@ -74,9 +81,15 @@ def main() -> None:
             fit(
                 trainer,
                 data,
-                replace(train_config, epochs=epochs, patience=max(train_config.patience, epochs // 2)),
+                replace(
+                    train_config,
+                    epochs=epochs,
+                    patience=max(train_config.patience, epochs // 2),
+                    learning_rate=train_config.learning_rate * float(options.get("lr", 1)),
+                ),
                 activation=activation,
                 augmentation=dataset.augmentation,
+                on_epoch=lambda epoch, row: print(f"epoch {epoch}: {row}", flush=True),
             )
             result = student
             result.save(args.out.parent / f"student-{text.replace(':', '_').replace('=', '')}.keras")
