@@ -488,7 +488,10 @@ def compress_command(
     student: Annotated[str | None, typer.Option(help="Student architecture (default: the teacher's).")] = None,
     width: Annotated[
         float | None,
-        typer.Option(help="Student width multiplier (default: widest with at most 1/8 of the teacher's parameters)."),
+        typer.Option(
+            help="Student width multiplier (default: the widest whose deployed model keeps at most 1/8 of the "
+            "teacher's parameters: with --prune, 1/8 non-zero after pruning)."
+        ),
     ] = None,
     temperature: Annotated[float, typer.Option(help="Distillation temperature T.")] = 4.0,
     alpha: Annotated[float, typer.Option(help="Weight of the label loss; 1 - alpha weighs the teacher.")] = 0.3,

@@ -514,3 +514,22 @@ def test_search_spreads_its_candidates_from_widest_to_narrowest():
     assert spread(sized, 10) == sized and spread(sized, 1) == [sized[0]]
     with pytest.raises(ConfigError, match="at least one candidate"):
         spread(sized, 0)
+
+
+def test_a_student_to_be_pruned_is_sized_by_the_parameters_it_deploys():
+    """With --prune the student may be wider: 1/8 of the teacher's parameters is what stays non-zero."""
+    import functools
+
+    from edgedx.compress import distill
+    from edgedx.compress._pipeline import _nonzero_after_pruning
+    from edgedx.models import count_parameters, create_model
+
+    teacher = create_model("resnet-small", (16, 16, 3), 2)
+    budget = count_parameters(teacher)[0] / 8
+    deployed = functools.partial(_nonzero_after_pruning, config=CompressConfig(distill=True, prune=True))
+    _, dense_width = distill.choose_student(teacher, "resnet-small", 2)
+    pruned, pruned_width = distill.choose_student(teacher, "resnet-small", 2, deployed_parameters=deployed)
+    assert pruned_width > dense_width
+    assert count_parameters(pruned)[0] > budget >= deployed(pruned) > count_parameters(pruned)[0] * 0.45
+    wider = distill.WIDTHS[distill.WIDTHS.index(pruned_width) - 1]
+    assert deployed(create_model("resnet-small", (16, 16, 3), 2, width=wider)) > budget

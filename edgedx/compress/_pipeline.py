@@ -62,7 +62,7 @@ class CompressConfig:
 
     distill: bool = False
     student: str | None = None  # None: the teacher's architecture, narrowed
-    width: float | None = None  # None: the widest student with <= 1/8 of the teacher's parameters
+    width: float | None = None  # None: the widest student deploying <= 1/8 of the teacher's (non-zero) parameters
     temperature: float = 4.0
     alpha: float = 0.3
     mixup: float = 1.0  # distillation on mixed pairs of images too, Beta(mixup, mixup) weights; 0: off
@@ -572,7 +572,13 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
 
     began, config = time.perf_counter(), run.config
     arch = config.student or current.arch.name
-    student, width = distillation.choose_student(run.teacher, arch, len(run.parent.class_names), width=config.width)
+    student, width = distillation.choose_student(
+        run.teacher,
+        arch,
+        len(run.parent.class_names),
+        width=config.width,
+        deployed_parameters=functools.partial(_nonzero_after_pruning, config=config) if config.prune else None,
+    )
     start, how = "scratch", "from random weights"
     if config.student_init == "teacher":
         try:
@@ -590,6 +596,18 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
         f"student {arch} width {width} {how}, T={config.temperature}, alpha={config.alpha}{mixed}, {epochs} epochs"
     ]
     return run.keras_stage("distill", student, ArchRecord(name=arch, width=width), began, notes)
+
+
+def _nonzero_after_pruning(model, *, config: CompressConfig) -> int:
+    """The parameters ``model`` keeps non-zero once pruned as ``config`` says (what it deploys)."""
+    from ..models import count_parameters
+    from .prune import layer_sparsities
+
+    targets = layer_sparsities(
+        model, sparsity=config.sparsity, structure=config.structure, distribution=config.layer_sparsity
+    )
+    zeroed = sum(round(model.get_layer(name).kernel.shape.num_elements() * target) for name, target in targets.items())
+    return count_parameters(model)[0] - zeroed
 
 
 def _prune(run: _Run, current: _Stage) -> _Stage:
