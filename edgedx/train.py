@@ -270,8 +270,10 @@ def fit(
     monitor = _ValidationAUC(keras, data, config, activation, steps, progress, on_epoch, select_from_epoch)
     # One iterator for the whole run (each pass is one epoch): under MultiWorkerMirroredStrategy
     # making a new one every epoch cost about 20 s of idle workers per epoch (benchmarks/README.md).
+    # Repeated exactly ``epochs`` times, not forever: tearing down an endless pipeline with batches
+    # still in flight took 7-20 s at the end of every fit.
     model.fit(
-        ds.repeat(),
+        ds.repeat(config.epochs),
         steps_per_epoch=steps,
         epochs=config.epochs,
         verbose=0,
