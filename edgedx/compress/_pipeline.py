@@ -39,8 +39,10 @@ from .quantize import TFLiteModel
 AUTO_CANDIDATES = tuple(PRECISIONS)
 #: Distillation runs this many epochs per teacher epoch unless told, by how the student started.
 #: From random weights the head-CT student needed twice the teacher's (validation AUC 0.970 after
-#: 40 epochs, 0.936 after 20); from the teacher's channels 20 gave validation / test AUC 0.950 /
-#: 0.979 where 20 from random weights gave 0.929 / 0.929 with the same teacher (benchmarks/README.md).
+#: 40 epochs, 0.936 after 20). From the teacher's channels, the teacher's own epochs are a trade
+#: for time: with one teacher 20 gave validation / test AUC 0.950 / 0.979 where 20 from random
+#: weights gave 0.929 / 0.929; with another, 20 gave 0.935 / 0.968 where 40 from random weights
+#: gave 0.978 / 0.977 (benchmarks/README.md).
 DISTILL_EPOCHS_PER_TEACHER_EPOCH = {"teacher": 1, "scratch": 2}
 #: How a distilled student's weights start: sliced from the teacher's most active channels, or random.
 STUDENT_INITS = ("teacher", "scratch")
