@@ -26,6 +26,16 @@ def _residual_net(channels: int):
     return keras.Model(inputs, outputs)
 
 
+def _upsampling_net(channels: int):
+    """A transposed convolution: a Conv2D subclass whose kernel is stored (h, w, out, in)."""
+    from edgedx._tf import keras
+
+    layers = keras.layers
+    inputs = keras.Input((16, 16, 3))
+    x = layers.Conv2DTranspose(channels, 3, padding="same")(layers.Conv2D(channels, 3, padding="same")(inputs))
+    return keras.Model(inputs, layers.Dense(1)(layers.GlobalAveragePooling2D()(x)))
+
+
 def _teacher_with_dead_channels():
     """An 8-channel teacher whose residual channels in DEAD are zero wherever they are computed."""
     teacher = _residual_net(8)
@@ -101,6 +111,7 @@ def test_another_architecture_or_an_unknown_layer_leaves_the_student_untouched()
     for teacher, student, reason in (
         (create_model("resnet-small", (16, 16, 3), 2), create_model("seed-cnn", (16, 16, 3), 2), "layer counts"),
         (create_model("seed-cnn", (16, 16, 3), 2), create_model("seed-cnn", (16, 16, 3), 2, width=0.5), "Flatten"),
+        (_upsampling_net(8), _upsampling_net(4), "Conv2DTranspose"),
     ):
         before = [w.copy() for w in student.get_weights()]
         with pytest.raises(NotInheritable, match=reason):

@@ -76,7 +76,8 @@ def _channel_spaces(model) -> tuple[_Spaces, dict[str, str]]:
             spaces.add(layer.name)
         elif isinstance(layer, passing):
             spaces.join(layer.name, _inbound(layer))
-        elif isinstance(layer, (layers.Conv2D, layers.Dense)) and type(layer) is not layers.SeparableConv2D:
+        elif isinstance(layer, (layers.Conv2D, layers.Dense)) and not isinstance(layer, layers.Conv2DTranspose):
+            # a transposed convolution subclasses Conv2D but stores its kernel (h, w, out, in)
             (source,) = _inbound(layer)
             inputs_of[layer.name] = source
             spaces.add(layer.name)
