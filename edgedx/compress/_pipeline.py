@@ -584,7 +584,8 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
     start, how = "scratch", "from random weights"
     if config.student_init == "teacher":
         try:
-            inherit_channels(run.teacher, student, representative_samples(run.data.x["train"], INHERIT_SAMPLES, 0))
+            sample = representative_samples(run.data.x["train"], INHERIT_SAMPLES, config.seed)
+            inherit_channels(run.teacher, student, sample)
             start, how = "teacher", "from the teacher's most active channels"
         except NotInheritable as reason:
             how = f"from random weights ({reason})"
