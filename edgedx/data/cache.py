@@ -12,6 +12,7 @@ an interrupted build leaves nothing that a later run would read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -191,8 +192,8 @@ def _remove_stale_partials(root: Path, key: str) -> None:
     """Remove scratch folders of builders on this host that have died; another host's (a shared
     volume) are left alone, as their process cannot be checked from here."""
     for partial in root.glob(f"{key}.partial-*"):
-        host, _, rest = partial.name.removeprefix(f"{key}.partial-").rpartition("-")[0].rpartition("-")
-        if host == socket.gethostname() and rest.isdigit() and not _alive(int(rest)):
+        host, _, pid = partial.name.removeprefix(f"{key}.partial-").rpartition("-")[0].rpartition("-")
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(partial, ignore_errors=True)
 
 
@@ -283,28 +284,27 @@ def _scale_shards(
     workers: int | None,
     progress: Callable[[int, int], None] | None,
 ) -> list[np.ndarray]:
-    total, done = len(split), 0
     workers = min(workers or os.cpu_count() or 1, len(ranges))
-    if workers <= 1:
-        digests = []
-        for (start, stop), out in zip(ranges, files, strict=True):
-            digests.append(_scale_range(split, spec, start, stop, out))
-            done += stop - start
-            if progress:
-                progress(done, total)
-        return digests
-    # Forked, so the workers inherit the split however it reads its images (a closure over an
-    # in-memory array included) and import nothing again; they run numpy and pydicom only, never
-    # TensorFlow, whose threads a fork does not copy.
-    with ProcessPoolExecutor(workers, get_context("fork"), initializer=_hold_split, initargs=(split,)) as pool:
-        futures = [
-            pool.submit(_scale_shard_in_worker, start, stop, spec, str(out))
-            for (start, stop), out in zip(ranges, files, strict=True)
-        ]
-        digests = []
-        for (start, stop), future in zip(ranges, futures, strict=True):
+    with contextlib.ExitStack() as stack:
+        if workers <= 1:
+            shards = zip(ranges, files, strict=True)
+            digests = (_scale_range(split, spec, start, stop, out) for (start, stop), out in shards)
+        else:
+            # Forked, so the workers inherit the split however it reads its images (a closure over
+            # an in-memory array included) and import nothing again; they run numpy and pydicom
+            # only, never TensorFlow, whose threads a fork does not copy.
+            pool = stack.enter_context(
+                ProcessPoolExecutor(workers, get_context("fork"), initializer=_hold_split, initargs=(split,))
+            )
+            futures = [
+                pool.submit(_scale_shard_in_worker, start, stop, spec, str(out))
+                for (start, stop), out in zip(ranges, files, strict=True)
+            ]
+            digests = (future.result() for future in futures)
+        done, scaled = 0, []
+        for start, stop in ranges:
             try:
-                digests.append(future.result())
+                scaled.append(next(digests))
             except BrokenProcessPool:
                 raise DataError(
                     f"a process scaling images {split.ids[start]} .. {split.ids[stop - 1]} ended abruptly "
@@ -312,5 +312,5 @@ def _scale_shards(
                 ) from None
             done += stop - start
             if progress:
-                progress(done, total)
-        return digests
+                progress(done, len(split))
+        return scaled
