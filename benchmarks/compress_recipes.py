@@ -40,6 +40,7 @@ def main() -> None:
     from edgedx._tf import keras, tf
     from edgedx.bundle import read_bundle
     from edgedx.compress import distill, prune
+    from edgedx.compress._pipeline import INHERIT_SAMPLES
     from edgedx.compress.inherit import inherit_channels
     from edgedx.compress.quantize import representative_samples
     from edgedx.data import recorded_dataset
@@ -69,7 +70,7 @@ def main() -> None:
                 width=float(options.get("width", 0.35)),
             )
             if options.get("init", "scratch") == "teacher":
-                sample = representative_samples(data.x["train"], 256, 0)
+                sample = representative_samples(data.x["train"], INHERIT_SAMPLES, 0)
                 inherit_channels(teacher, student, sample)
             trainer = distill.distiller(
                 teacher,
