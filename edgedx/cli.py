@@ -266,7 +266,10 @@ def train_command(
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on validation AUC).")] = 20,
     batch_size: Annotated[int, typer.Option(help="Training batch size.")] = 64,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-3,
-    patience: Annotated[int, typer.Option(help="Epochs without validation-AUC gain before stopping.")] = 8,
+    patience: Annotated[
+        int,
+        typer.Option(help="Epochs without validation-AUC gain before stopping, counted once validation AUC is above chance."),
+    ] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     augment: Annotated[
         bool,

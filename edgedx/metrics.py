@@ -27,6 +27,23 @@ def auc(y: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(y, scores, multi_class="ovr", average="macro", labels=np.arange(scores.shape[1])))
 
 
+def chance_auc_bound(y: np.ndarray, *, standard_errors: float = 3.0) -> float:
+    """The AUC a model without skill stays below on labels ``y``, bar about one time in a thousand.
+
+    0.5 plus ``standard_errors`` standard errors of the AUC under the null hypothesis
+    (Mann-Whitney: variance (n1 + n2 + 1) / (12 n1 n2)), counted on the rarest class (one-vs-rest
+    for several classes, the rarest label for multi-label ``y``), which gives the widest bound.
+    """
+    y = np.asarray(y)
+    columns = [y[:, i] for i in range(y.shape[1])] if y.ndim == 2 else [y == c for c in np.unique(y)]
+    positives = [int(np.sum(c)) for c in columns if 0 < np.sum(c) < len(c)]
+    if not positives:
+        return 1.0
+    rare = min(min(positives), len(y) - max(positives))
+    common = len(y) - rare
+    return 0.5 + standard_errors * float(np.sqrt((rare + common + 1) / (12 * rare * common)))
+
+
 def bootstrap_auc_ci(
     y: np.ndarray, scores: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:

@@ -45,3 +45,16 @@ def test_multiclass_macro():
     assert m["accuracy"] == 0.75 and m["confusion_matrix"][2] == [1, 0, 1]
     assert m["sensitivity"] == pytest.approx((1 + 1 + 0.5) / 3)
     assert "threshold" not in m
+
+
+def test_chance_auc_bound():
+    """0.5 + 3 null standard errors, from the rarest class; random scores stay below it."""
+    from edgedx.metrics import auc, chance_auc_bound
+
+    y = np.r_[np.zeros(260, int), np.ones(100, int)]
+    assert chance_auc_bound(y) == pytest.approx(0.5 + 3 * np.sqrt(361 / (12 * 100 * 260)))
+    assert chance_auc_bound(np.r_[y, 2 * np.ones(10, int)]) > chance_auc_bound(y)  # a rare third class widens it
+    assert chance_auc_bound(np.stack([y, np.roll(y, 7)], axis=1)) == pytest.approx(chance_auc_bound(y))
+    assert chance_auc_bound(np.zeros(5, int)) == 1.0  # one class: no AUC to leave chance with
+    rng = np.random.default_rng(0)
+    assert max(auc(y, rng.random(len(y))) for _ in range(200)) < chance_auc_bound(y)

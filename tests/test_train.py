@@ -256,3 +256,25 @@ def test_training_reads_every_example_once_per_epoch_from_the_cache(tiny_npz, tm
     assert first != second
     assert any(abs(a - b) >= 10 for a, b in itertools.pairwise(first))  # neighbours from other shards
     assert epochs(seed=3) == [first, second]
+
+
+@pytest.mark.parametrize(
+    ("val_aucs", "epochs_run"),
+    [
+        ((0.55, 0.52, 0.51, 0.53, 0.99, 0.97), 6),  # at chance, then learning: patience waits for it
+        ((0.99, 0.97, 0.96, 0.98, 0.99, 0.97), 3),  # learning from the start: stops after 2 stale epochs
+    ],
+)
+def test_patience_counts_only_once_validation_auc_leaves_chance(tiny_npz, tmp_path, monkeypatch, val_aucs, epochs_run):
+    from edgedx import metrics
+
+    real_auc, scripted = metrics.auc, iter(val_aucs)
+    monkeypatch.setattr(metrics, "auc", lambda y, scores: next(scripted, None) or real_auc(y, scores))
+    epochs = []
+    train(
+        load_dataset(tiny_npz),
+        tmp_path / "b",
+        TrainConfig(arch="seed-cnn", width=0.25, epochs=6, batch_size=16, patience=2),
+        on_epoch=lambda e, row: epochs.append(row["val_auc"]),
+    )
+    assert epochs == list(val_aucs[:epochs_run])
