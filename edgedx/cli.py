@@ -268,7 +268,7 @@ def train_command(
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 1e-3,
     patience: Annotated[
         int,
-        typer.Option(help="Epochs without validation-AUC gain before stopping, counted once validation AUC is above chance."),
+        typer.Option(help="Epochs without validation-AUC gain before stopping, counted once it is above chance."),
     ] = 8,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     augment: Annotated[
