@@ -140,6 +140,7 @@ class CompressionRecord:
     loss_against_parent: LossRecord | None = None
     search: Section | None = None  # --target-kb: every candidate and the choice
     auto_precision: Section | None = None  # --quantize auto: every precision measured and the choice
+    workers: int = 1  # processes that trained the students together (TF_CONFIG)
 
 
 @dataclass(frozen=True, kw_only=True)

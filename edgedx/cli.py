@@ -595,6 +595,10 @@ def compress_command(
     model's validation decisions is retried with its first ops in float; int8 that loses more than
     --max-auc-drop validation AUC is retried with quantization-aware training, then refused (no
     output written).
+
+    With TF_CONFIG naming two or more workers, every worker runs this same command: they distill
+    and prune the student together (MultiWorkerMirroredStrategy) and worker 0 alone converts it,
+    measures it and writes the bundle.
     """
     with _user_errors():
         from .compress import CompressConfig, compress
@@ -646,6 +650,12 @@ def compress_command(
                 on_step=on_step,
                 overwrite=overwrite,
             )
+    if result.bundle is None:
+        console.print(
+            f"trained the students as a worker of a multi-worker job in {result.seconds:.0f}s; "
+            "the chief converts them and writes the bundle"
+        )
+        return
     if as_json:
         console.print_json(data={"bundle": str(result.bundle.path), "steps": result.steps})
         return

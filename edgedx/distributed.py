@@ -2,9 +2,10 @@
 
 Kubeflow's TFJob and the cloud trainers start one process per worker with ``TF_CONFIG`` set:
 ``{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": i}}``. With two
-or more workers, ``edgedx train`` builds its model under ``tf.distribute.MultiWorkerMirroredStrategy``
-(synchronous data parallelism: each worker takes its share of every batch, gradients are summed by
-all-reduce), and only the chief (worker 0, or a task of type ``chief``) writes the bundle.
+or more workers, ``edgedx train`` builds its model, and ``edgedx compress`` its students, under
+``tf.distribute.MultiWorkerMirroredStrategy`` (synchronous data parallelism: each worker takes its
+share of every batch, gradients are summed by all-reduce), and only the chief (worker 0, or a task
+of type ``chief``) writes the bundle.
 """
 
 from __future__ import annotations
@@ -83,6 +84,23 @@ def local_model(model):
     local = keras.models.clone_model(model)
     local.set_weights(weights)
     return local
+
+
+def mirrored_copy(strategy, model):
+    """A copy of ``model`` whose variables ``strategy`` mirrors on every worker (the inverse of
+    :func:`local_model`); ``model`` itself when there is no cluster.
+
+    Every worker has to call this at the same point: creating a mirrored variable broadcasts
+    worker 0's value to the others.
+    """
+    from ._tf import keras, tf
+
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return model
+    with strategy.scope():
+        copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def barrier(strategy) -> None:

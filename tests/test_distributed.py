@@ -74,3 +74,36 @@ def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz
     assert "the chief writes the bundle" in outputs[1][0]
     training = read_bundle(tmp_path / "bundle").manifest.training
     assert training.workers == 2 and training.epochs_run == 2
+
+
+@pytest.mark.tf
+@needs_tf
+def test_two_local_workers_distill_and_prune_one_student_and_only_the_chief_writes_it(tiny_npz, tmp_path):
+    from edgedx.data import load_dataset
+    from edgedx.train import TrainConfig, train
+
+    teacher = tmp_path / "teacher"
+    config = TrainConfig(arch="resnet-small", width=0.25, epochs=2, batch_size=16)
+    train(load_dataset(tiny_npz), teacher, config)
+    workers = local_addresses(2)
+    arguments = ["compress", str(teacher), "--distill", "--width", "0.125", "--distill-epochs", "2", "--prune"]
+    arguments += ["--quantize", "none", "--accept-loss", "--out", str(tmp_path / "small")]
+    logs = [(tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err") for i in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", "from edgedx.cli import main; main()", *arguments],
+            env={**os.environ, **_tf_config(workers, i)},
+            stdout=out.open("w"),
+            stderr=err.open("w"),
+        )
+        for i, (out, err) in enumerate(logs)
+    ]
+    for process in processes:
+        process.wait(timeout=900)
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, out + err[-3000:]
+    assert "the chief converts them and writes the bundle" in " ".join(outputs[1][0].split())
+    compression = read_bundle(tmp_path / "small").manifest.compression
+    assert compression.workers == 2
+    assert [row["step"] for row in compression.steps] == ["parent", "distill", "prune"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import distributed
 from .. import metrics as clinical
 from ..bundle import (
     ArchRecord,
@@ -131,7 +132,7 @@ class CompressConfig:
 
 @dataclass(frozen=True)
 class CompressResult:
-    bundle: Bundle
+    bundle: Bundle | None  # None on a worker of a multi-worker job that is not the chief
     steps: list[dict[str, Any]]
     seconds: float
 
@@ -318,6 +319,7 @@ class _Run:
     train_config: TrainConfig
     parent_scores: dict[str, np.ndarray]  # the parent's (uncalibrated) validation and test scores
     parent_threshold: float | None  # on those scores
+    strategy: Any  # MultiWorkerMirroredStrategy under TF_CONFIG, else TensorFlow's default
     progress: ProgressFn | None = None
     on_epoch: EpochFn | None = None
     on_step: StepFn | None = None  # every step, --target-kb candidates' too
@@ -325,6 +327,12 @@ class _Run:
     @property
     def activation(self) -> str:
         return self.parent.manifest.task.activation
+
+    @functools.cached_property
+    def mirrored_teacher(self):
+        """The teacher as students train against it: its variables mirrored on every worker of a
+        cluster (``teacher`` itself on one machine). Scores and channel ranking use ``teacher``."""
+        return distributed.mirrored_copy(self.strategy, self.teacher)
 
     @functools.cached_property
     def parent_decisions(self) -> np.ndarray:
@@ -415,8 +423,12 @@ def compress(
 
     start = time.perf_counter()
     out = Path(out)
-    if out.exists() and not overwrite:
+    cluster = distributed.cluster_from_env()
+    writes = cluster is None or cluster.chief  # several workers may share one --out: the chief writes it
+    if writes and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; choose another --out or remove it first")
+    if cluster is not None and config.target_kb is not None:
+        raise ConfigError("--target-kb searches on one machine; run it without TF_CONFIG")
     parent_bundle = read_bundle(parent)
     manifest = parent_bundle.manifest
     if "keras" not in manifest.models or manifest.arch is None or manifest.training is None:
@@ -428,6 +440,7 @@ def compress(
         )
     dataset = recorded_dataset(manifest.data or {}, data)
     prepared = prepare_data(dataset, parent_bundle.preprocess, progress)
+    strategy = distributed.strategy(cluster)  # before TensorFlow makes any tensor
     recipe = manifest.training.config
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
@@ -446,6 +459,7 @@ def compress(
         train_config=TrainConfig(**{**recipe, "windows": tuple(recipe["windows"])}),
         parent_scores=parent_scores,
         parent_threshold=parent_threshold,
+        strategy=strategy,
         progress=progress,
         on_epoch=on_epoch,
         on_step=on_step,
@@ -472,20 +486,27 @@ def compress(
             (config.quantize == "auto", _auto_precision),
             (config.quantize not in ("auto", "none"), _quantize),
         ):
-            if wanted:
+            if wanted and (writes or step in _TRAINING_STEPS):
                 stages.append(step(run, stages[-1]))
-    float_stage = next(s for s in reversed(stages) if s.tflite is None)
-    loss = _loss_against_parent(run, [s.row for s in stages])
-    return _write(
-        out,
-        run=run,
-        stages=stages,
-        float_stage=float_stage,
-        loss=loss,
-        search=search,
-        seconds=time.perf_counter() - start,
-        overwrite=overwrite,
-    )
+    if not writes:  # the students are trained; conversion and the bundle are the chief's
+        distributed.barrier(strategy)  # until the chief has written the bundle
+        return CompressResult(bundle=None, steps=[s.row for s in stages[1:]], seconds=time.perf_counter() - start)
+    try:
+        float_stage = next(s for s in reversed(stages) if s.tflite is None)
+        loss = _loss_against_parent(run, [s.row for s in stages])
+        return _write(
+            out,
+            run=run,
+            stages=stages,
+            float_stage=float_stage,
+            loss=loss,
+            search=search,
+            seconds=time.perf_counter() - start,
+            overwrite=overwrite,
+            workers=cluster.workers if cluster else 1,
+        )
+    finally:
+        distributed.barrier(strategy)  # the other workers may exit now, refused or written
 
 
 @dataclass(frozen=True)
@@ -589,11 +610,14 @@ def _distill(run: _Run, current: _Stage) -> _Stage:
             start, how = "teacher", "from the teacher's most active channels"
         except NotInheritable as reason:
             how = f"from random weights ({reason})"
-    trainer = distillation.distiller(
-        run.teacher, student, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
-    )
+    with run.strategy.scope():  # on a cluster every worker trains the same student
+        trainee = distributed.mirrored_copy(run.strategy, student)
+        trainer = distillation.distiller(
+            run.mirrored_teacher, trainee, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
+        )
     epochs = config.distill_epochs or DISTILL_EPOCHS_PER_TEACHER_EPOCH[start] * run.train_config.epochs
     run.train(trainer, epochs=epochs)
+    student = distributed.local_model(trainee)  # on every worker
     mixed = f", mixup {config.mixup:g}" if config.mixup else ""
     notes = [
         f"student {arch} width {width} {how}, T={config.temperature}, alpha={config.alpha}{mixed}, {epochs} epochs"
@@ -619,23 +643,24 @@ def _prune(run: _Run, current: _Stage) -> _Stage:
     from . import prune as pruning
 
     began, config = time.perf_counter(), run.config
-    wrapped, callbacks, end_step = pruning.prunable(
-        current.keras_model,
-        sparsity=config.sparsity,
-        structure=config.structure,
-        steps=config.prune_epochs * run.steps_per_epoch,
-        distribution=config.layer_sparsity,
-    )
     # On by default since distillation gained mixup: on the head-CT student, validation AUC 0.973
     # against 0.949 fine-tuned on the labels (benchmarks/README.md).
     with_teacher = config.distill and config.prune_with_teacher
-    trainee = (
-        distillation.distiller(
-            run.teacher, wrapped, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
+    with run.strategy.scope():  # on a cluster every worker prunes the same model
+        wrapped, callbacks, end_step = pruning.prunable(
+            distributed.mirrored_copy(run.strategy, current.keras_model),
+            sparsity=config.sparsity,
+            structure=config.structure,
+            steps=config.prune_epochs * run.steps_per_epoch,
+            distribution=config.layer_sparsity,
         )
-        if with_teacher
-        else wrapped
-    )
+        trainee = (
+            distillation.distiller(
+                run.mirrored_teacher, wrapped, temperature=config.temperature, alpha=config.alpha, mixup=config.mixup
+            )
+            if with_teacher
+            else wrapped
+        )
     run.train(
         trainee,
         epochs=config.prune_epochs,
@@ -644,12 +669,18 @@ def _prune(run: _Run, current: _Stage) -> _Stage:
         callbacks=callbacks,
         select_from_epoch=math.ceil(end_step / run.steps_per_epoch) + 1,
     )
-    stripped = pruning.strip(wrapped)
+    with run.strategy.scope():
+        stripped = pruning.strip(wrapped)
+    stripped = distributed.local_model(stripped)  # on every worker, outside the scope: a local copy
     achieved = pruning.kernel_sparsity(stripped)
     shared = f" ({config.layer_sparsity} over layers)" if config.structure == "unstructured" else ""
     notes = [f"{config.structure}{shared} to {config.sparsity:.0%}: {achieved:.1%} of kernel weights are zero"]
     notes.append("fine-tuned under the distillation loss" if with_teacher else "fine-tuned on the labels")
     return run.keras_stage("prune", stripped, replace(current.arch, kernel_sparsity=achieved), began, notes)
+
+
+#: The steps every worker of a cluster runs; the chief alone converts, measures and writes.
+_TRAINING_STEPS = (_distill, _prune)
 
 
 def _quantize(run: _Run, current: _Stage) -> _Stage:
@@ -886,6 +917,7 @@ def _write(
     search: _Search | None,
     seconds: float,
     overwrite: bool,
+    workers: int = 1,
 ) -> CompressResult:
     from ..models import count_macs, count_parameters
 
@@ -926,6 +958,7 @@ def _write(
             search=search.record if search else None,
             seconds=round(seconds, 1),
             auto_precision=final.auto_precision,
+            workers=workers,
         ),
         models={
             "keras": float_record,
