@@ -148,3 +148,34 @@ def test_runtime_predict_is_preprocess_then_model_then_threshold(bundles, tiny_n
     with pytest.raises(DataError, match="give a 2-D image or a preprocessed"):
         model.predict(np.zeros((3, 3, 3, 3), np.float32))
     assert model.predict_batch([]) == []
+
+
+def test_bench_reads_the_test_split_from_the_preprocessed_cache_a_chunk_at_a_time(bundles, tmp_path, monkeypatch):
+    """The probes' inputs are the cache's, copied in chunks, equal to preprocessing every image
+    in memory; a second run preprocesses nothing (bench never holds the split)."""
+    import numpy as np
+
+    from edgedx.bench import _bench
+    from edgedx.preprocess import to_model_inputs
+
+    read = [read_bundle(b) for b in bundles]
+    test = recorded_dataset(read[0].manifest.data).splits["test"]
+    expected = to_model_inputs([test.read(i) for i in range(len(test))], read[0].preprocess)
+    monkeypatch.setattr(_bench, "_COPY_CHUNK", 5)
+    (tmp_path / "a").mkdir()
+    labels, files = _bench._test_inputs(read, None, None, 0, tmp_path / "a")
+    np.testing.assert_array_equal(labels, test.labels)
+    assert files[str(bundles[0])] == files[str(bundles[1])]  # one spec, one file
+    np.testing.assert_allclose(np.load(files[str(bundles[0])]), expected, atol=1e-5)
+
+    from edgedx.data import cache as cache_module
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the test split was preprocessed again")
+
+    monkeypatch.setattr(cache_module, "_scale_shards", no_build)
+    (tmp_path / "b").mkdir()
+    _, again = _bench._test_inputs(read, None, 7, 0, tmp_path / "b")  # a sample, from the cache
+    sample = np.load(again[str(bundles[0])])
+    assert len(sample) == 7
+    assert any(np.allclose(sample[0], row, atol=1e-5) for row in expected)

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from ..bundle import Bundle, read_bundle
-from ..data import recorded_dataset
+from ..data import cache_split, recorded_dataset
 from ..devices import load_profile, parse_profile
 from ..errors import BundleError, ConfigError, DataError
 from ..outputs import decisions
 from ..precision import KERAS_ROLE, deployed_role, report_order
-from ..preprocess import PreprocessSpec, to_model_inputs
+from ..preprocess import PreprocessSpec
 from ..runtime.probe import run_probe
 from ._report import BenchResult, machine, summarize, write_report
 
@@ -65,25 +65,46 @@ def _plan(bundles: Sequence[Bundle], include_keras: bool) -> list[dict[str, Any]
     return plan
 
 
+#: Inputs copied from the preprocessed cache to a probe's file at a time (bench's memory bound).
+_COPY_CHUNK = 1024
+
+
 def _test_inputs(
-    bundles: Sequence[Bundle], data: Path | str | None, limit: int | None, seed: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Labels of the test split (or a sample of it) and, per bundle path, its preprocessed inputs."""
+    bundles: Sequence[Bundle],
+    data: Path | str | None,
+    limit: int | None,
+    seed: int,
+    folder: Path,
+    progress: ProgressFn | None = None,
+) -> tuple[np.ndarray, dict[str, Path]]:
+    """Labels of the test split (or a sample of it) and, per bundle path, an ``.npy`` in ``folder``
+    of its normalised model inputs.
+
+    The inputs come from the preprocessed cache that ``train`` and ``compress`` use (built if
+    absent), copied in chunks: this process never holds the split, whatever its size.
+    """
     dataset = recorded_dataset(bundles[0].manifest.data or {}, data)
     test = dataset.splits["test"]
     index = np.arange(len(test))
     if limit and limit < len(index):
         index = np.sort(np.random.default_rng(seed).choice(index, limit, replace=False))
-    images = [test.read(int(i)) for i in index]
-    by_spec: dict[PreprocessSpec, np.ndarray] = {}
-    inputs = {}
+    by_spec: dict[PreprocessSpec, Path] = {}
+    files = {}
     for b in bundles:
-        if b.preprocess.input != dataset.input:
+        spec = b.preprocess
+        if spec.input != dataset.input:
             raise DataError(f"{dataset.source} holds {dataset.input!r} images; {b.path} expects another kind")
-        if b.preprocess not in by_spec:
-            by_spec[b.preprocess] = to_model_inputs(images, b.preprocess)
-        inputs[str(b.path)] = by_spec[b.preprocess]
-    return test.labels[index], inputs
+        if spec not in by_spec:
+            report = (lambda done, total: progress("preprocess test", done, total)) if progress else None
+            cached = cache_split(dataset, "test", spec, progress=report).inputs.normalised(spec.mean, spec.std)
+            by_spec[spec] = folder / f"inputs-{len(by_spec)}.npy"
+            out = np.lib.format.open_memmap(by_spec[spec], "w+", np.float32, (len(index), *cached.image_shape))
+            for start in range(0, len(index), _COPY_CHUNK):
+                out[start : start + _COPY_CHUNK] = cached[index[start : start + _COPY_CHUNK]]
+            out.flush()
+            del out
+        files[str(b.path)] = by_spec[spec]
+    return test.labels[index], files
 
 
 def _reference_decisions(plan: list[dict[str, Any]], scores: dict[int, np.ndarray]) -> np.ndarray:
@@ -121,13 +142,9 @@ def bench(
     profile = load_profile(device)
     read = [read_bundle(b) for b in bundles]
     plan = _plan(read, include_keras)
-    labels, inputs = _test_inputs(read, data, None, 0)
     measured = []
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for key, x in inputs.items():
-            files[key] = Path(tmp) / f"inputs-{len(files)}.npy"
-            np.save(files[key], x)
+        labels, files = _test_inputs(read, data, None, 0, Path(tmp), progress)
         for i, item in enumerate(plan):
             if progress:
                 progress(f"measuring {item['bundle']} {item['role']}", i, len(plan))
@@ -146,8 +163,8 @@ def bench(
             measured.append(item | {"probe": probe})
         if progress:
             progress("measured", len(plan), len(plan))
+        rates = _guard_flag_rates(read, files)
     reference = _reference_decisions(plan, {i: np.asarray(m["probe"]["probabilities"]) for i, m in enumerate(measured)})
-    rates = _guard_flag_rates(read, inputs)
     measured = [m | {"guard_flag_rate": rates.get(m["bundle_path"])} for m in measured]
     result = summarize(measured, labels, reference, profile, where={"machine": machine(), "source": "edgedx bench"})
     if ood is not None:
@@ -155,13 +172,19 @@ def bench(
     return write_report(result, Path(out)) if out is not None else result
 
 
-def _guard_flag_rates(bundles: Sequence[Bundle], inputs: dict[str, np.ndarray]) -> dict[str, float]:
-    """Share of the test inputs each bundle's out-of-distribution guard flags (bundles without one: absent)."""
+def _guard_flag_rates(bundles: Sequence[Bundle], inputs: dict[str, Path]) -> dict[str, float]:
+    """Share of the test inputs (``.npy`` per bundle path) each bundle's out-of-distribution guard
+    flags, scored a chunk at a time; bundles without a guard are absent."""
     rates = {}
     for b in bundles:
         guard = b.load_guard()
         if guard is not None:
-            rates[str(b.path)] = float(np.mean(guard.scores(inputs[str(b.path)]) > 1.0))
+            x = np.load(inputs[str(b.path)], mmap_mode="r")
+            flagged = sum(
+                int(np.sum(guard.scores(np.asarray(x[i : i + _COPY_CHUNK])) > 1.0))
+                for i in range(0, len(x), _COPY_CHUNK)
+            )
+            rates[str(b.path)] = flagged / len(x) if len(x) else float("nan")
     return rates
 
 
@@ -276,55 +299,56 @@ def export_kit(
     profile = load_profile(device)
     read = [read_bundle(b) for b in bundles]
     plan = _plan(read, include_keras=True)
-    labels, inputs = _test_inputs(read, data, sample, seed)
-    reference_item = next((item for item in plan if item["role"] == "keras"), None)
-    tflite = [item for item in plan if item["role"] != "keras"]
-    if not tflite:
-        raise BundleError("no TFLite model to carry: compress a bundle first")
-    out.mkdir(parents=True)
-    (out / "data").mkdir()
-    np.save(out / "data" / "labels.npy", labels)
-    if reference_item is not None:
-        from .._tf import keras
-        from ..outputs import probabilities
+    with tempfile.TemporaryDirectory() as tmp:  # the sample's inputs, until copied into the kit
+        labels, inputs = _test_inputs(read, data, sample, seed, Path(tmp))
+        reference_item = next((item for item in plan if item["role"] == "keras"), None)
+        tflite = [item for item in plan if item["role"] != "keras"]
+        if not tflite:
+            raise BundleError("no TFLite model to carry: compress a bundle first")
+        out.mkdir(parents=True)
+        (out / "data").mkdir()
+        np.save(out / "data" / "labels.npy", labels)
+        if reference_item is not None:
+            from .._tf import keras
+            from ..outputs import probabilities
 
-        b = next(b for b in read if str(b.path) == reference_item["bundle_path"])
-        model = keras.models.load_model(b.model_path("keras"), compile=False)
-        scores = probabilities(
-            model.predict(inputs[str(b.path)], verbose=0), b.manifest.task.activation, b.calibration(KERAS_ROLE)
-        )
-    else:  # no float model given: flips are counted against the first TFLite model on the box
-        scores = None
-    files: dict[str, str] = {}
-    for n, b in enumerate(read):
-        if not any(item["bundle_path"] == str(b.path) for item in tflite):
-            continue
-        shutil.copytree(b.path, out / "bundles" / f"{n}-{b.path.name}")
-        files[str(b.path)] = f"data/inputs-{n}.npy"
-        np.save(out / files[str(b.path)], inputs[str(b.path)])
-    models = []
-    for item in tflite:
-        n = next(n for n, b in enumerate(read) if str(b.path) == item["bundle_path"])
-        entry = {k: v for k, v in item.items() if k != "bundle_path"}
-        models.append(entry | {"bundle_dir": f"bundles/{n}-{read[n].path.name}", "inputs": files[item["bundle_path"]]})
-    kit = {
-        "format": "edgedx-kit",
-        "device": profile.to_dict(),
-        "runs": runs,
-        "warmup": warmup,
-        "labels": "data/labels.npy",
-        "reference": None
-        if scores is None
-        else {
-            "bundle": reference_item["bundle"],
-            "role": "keras",
-            "decisions": decisions(scores, reference_item["threshold"]).tolist(),
-        },
-        "models": models,
-    }
-    (out / "kit.json").write_text(json.dumps(kit, indent=2) + "\n")
-    (out / KIT_RUNNER).write_text(_RUNNER)
-    return out
+            b = next(b for b in read if str(b.path) == reference_item["bundle_path"])
+            model = keras.models.load_model(b.model_path("keras"), compile=False)
+            logits = model.predict(np.load(inputs[str(b.path)]), verbose=0)
+            scores = probabilities(logits, b.manifest.task.activation, b.calibration(KERAS_ROLE))
+        else:  # no float model given: flips are counted against the first TFLite model on the box
+            scores = None
+        files: dict[str, str] = {}
+        for n, b in enumerate(read):
+            if not any(item["bundle_path"] == str(b.path) for item in tflite):
+                continue
+            shutil.copytree(b.path, out / "bundles" / f"{n}-{b.path.name}")
+            files[str(b.path)] = f"data/inputs-{n}.npy"
+            shutil.copyfile(inputs[str(b.path)], out / files[str(b.path)])
+        models = []
+        for item in tflite:
+            n = next(n for n, b in enumerate(read) if str(b.path) == item["bundle_path"])
+            entry = {k: v for k, v in item.items() if k != "bundle_path"}
+            where = {"bundle_dir": f"bundles/{n}-{read[n].path.name}", "inputs": files[item["bundle_path"]]}
+            models.append(entry | where)
+        kit = {
+            "format": "edgedx-kit",
+            "device": profile.to_dict(),
+            "runs": runs,
+            "warmup": warmup,
+            "labels": "data/labels.npy",
+            "reference": None
+            if scores is None
+            else {
+                "bundle": reference_item["bundle"],
+                "role": "keras",
+                "decisions": decisions(scores, reference_item["threshold"]).tolist(),
+            },
+            "models": models,
+        }
+        (out / "kit.json").write_text(json.dumps(kit, indent=2) + "\n")
+        (out / KIT_RUNNER).write_text(_RUNNER)
+        return out
 
 
 def import_results(results_file: Path | str, out: Path | str | None = None) -> BenchResult:
