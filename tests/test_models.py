@@ -50,3 +50,27 @@ def test_bad_arguments():
         models.create_model("seed-cnn", (32, 32, 1), 1)
     with pytest.raises(ConfigError, match="width multiplier"):
         models.create_model("seed-cnn", (32, 32, 1), 2, width=0)
+
+
+@pytest.mark.tf
+@needs_tf
+@pytest.mark.parametrize("width", [0.125, 0.25])
+def test_resnet_small_trains_at_the_narrowest_widths(width):
+    """At 4-8 channels the gradient of a 1x1 stride-2 convolution (the residual shortcut) crashed
+    oneDNN's AVX-512 kernels (exit 139 or a heap corruption abort); --target-kb reaches these
+    widths. Trained in a child process, so a crash fails this test and not the suite."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np
+from edgedx._tf import keras
+from edgedx.models import create_model
+model = create_model("resnet-small", (64, 64, 3), 2, width={width})
+model.compile("adam", keras.losses.BinaryCrossentropy(from_logits=True))  # one logit for two classes
+rng = np.random.default_rng(0)
+labels = rng.integers(0, 2, (128, 1)).astype(np.float32)
+model.fit(rng.random((128, 64, 64, 3), np.float32), labels, batch_size=64, epochs=2, verbose=0)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
