@@ -56,6 +56,27 @@ def test_worker_processes_build_the_same_entry(tiny_npz, tmp_path, small_shards)
     assert done[-1] == 64 and done == sorted(done)
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        *(slice(5, 25), slice(None, None, -3), slice(-7, None)),
+        *([63, 0, 12, 12, 31], [-1, -64], 17, -2, np.arange(64) % 3 == 0, np.empty(0, np.int64)),
+    ],
+)
+def test_cached_inputs_index_as_numpy_does(tiny_npz, tmp_path, small_shards, key):
+    cached = cache_split(read_medmnist(tiny_npz), "train", SPEC, root=tmp_path, workers=1).inputs
+    np.testing.assert_array_equal(cached[key], np.asarray(cached)[key])
+
+
+@pytest.mark.parametrize("key", [64, -65, [0, 64], np.ones(3, bool), [0.5]])
+def test_cached_inputs_refuse_indices_numpy_refuses(tiny_npz, tmp_path, key):
+    cached = cache_split(read_medmnist(tiny_npz), "train", SPEC, root=tmp_path, workers=1).inputs
+    with pytest.raises(IndexError):
+        np.asarray(cached)[key]
+    with pytest.raises(IndexError):
+        cached[key]
+
+
 def test_an_entry_is_reused_without_reading_an_image(tiny_npz, tmp_path):
     dataset = read_medmnist(tiny_npz)
     first = cache_split(dataset, "val", SPEC, root=tmp_path, workers=1)

@@ -89,8 +89,24 @@ class CachedInputs:
     def shards(self) -> Iterator[np.ndarray]:
         return (self.shard(i) for i in range(len(self.shard_files)))
 
+    def _positions(self, key) -> np.ndarray:
+        """The rows ``key`` selects, as numpy would, without an index array the size of the split."""
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n))
+        index = np.asarray(key)
+        if index.dtype == bool:
+            if index.shape != (n,):
+                raise IndexError(f"a boolean index of shape {index.shape} for {n} inputs")
+            return np.flatnonzero(index)
+        if not np.issubdtype(index.dtype, np.integer):
+            raise IndexError(f"cached inputs take integers, slices or boolean masks, not {index.dtype}")
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"index out of range for {n} inputs")
+        return np.where(index < 0, index + n, index)
+
     def __getitem__(self, key) -> np.ndarray:
-        indices = np.arange(len(self))[key]
+        indices = self._positions(key)
         if indices.ndim == 0:
             return self[indices[None]][0]
         starts = np.cumsum((0, *self.shard_sizes))
