@@ -47,28 +47,50 @@ main()
 """
 
 
-@pytest.mark.tf
-@needs_tf
-def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz, tmp_path):
+CLI = "from edgedx.cli import main; main()"
+
+FAILING_CHIEF = """
+import edgedx.compress._pipeline as pipeline
+def fail(run, current):
+    raise RuntimeError("conversion failed on the chief")
+pipeline._quantize = fail
+from edgedx.cli import main
+main()
+"""
+
+
+def _start_workers(arguments: list[str], tmp_path, chief: str = CLI) -> tuple[list, list]:
+    """Two local workers running ``edgedx ARGUMENTS`` (the chief as ``chief`` code), logs in files."""
     workers = local_addresses(2)
-    # resnet-small: batch normalisation, whose statistics are read by an all-reduce under the strategy
-    arguments = ["train", "--data", str(tiny_npz), "--arch", "resnet-small", "--width", "0.25", "--epochs", "2"]
-    arguments += ["--batch-size", "16", "--out", str(tmp_path / "bundle")]  # one path, as on a shared volume
     logs = [(tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err") for i in range(2)]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", SLOW_CHIEF if i == 0 else "from edgedx.cli import main; main()", *arguments],
+            [sys.executable, "-c", chief if i == 0 else CLI, *arguments],
             env={**os.environ, **_tf_config(workers, i)},
             stdout=out.open("w"),  # files, not pipes: a full pipe would stall a worker
             stderr=err.open("w"),
         )
         for i, (out, err) in enumerate(logs)
     ]
+    return processes, logs
+
+
+def _outputs(logs) -> list[tuple[str, str]]:
+    return [(out.read_text(), err.read_text()) for out, err in logs]
+
+
+@pytest.mark.tf
+@needs_tf
+def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz, tmp_path):
+    # resnet-small: batch normalisation, whose statistics are read by an all-reduce under the strategy
+    arguments = ["train", "--data", str(tiny_npz), "--arch", "resnet-small", "--width", "0.25", "--epochs", "2"]
+    arguments += ["--batch-size", "16", "--out", str(tmp_path / "bundle")]  # one path, as on a shared volume
+    processes, logs = _start_workers(arguments, tmp_path, chief=SLOW_CHIEF)
     processes[1].wait(timeout=600)
     # the worker waited for the chief: a worker that exits first fails the chief's job
     assert (tmp_path / "bundle" / MANIFEST).is_file()
     processes[0].wait(timeout=600)
-    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    outputs = _outputs(logs)
     for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, out + err[-3000:]
     assert "the chief writes the bundle" in outputs[1][0]
@@ -76,34 +98,58 @@ def test_two_local_workers_train_one_model_and_only_the_chief_writes_it(tiny_npz
     assert training.workers == 2 and training.epochs_run == 2
 
 
-@pytest.mark.tf
-@needs_tf
-def test_two_local_workers_distill_and_prune_one_student_and_only_the_chief_writes_it(tiny_npz, tmp_path):
+@pytest.fixture(scope="module")
+def teacher(tiny_npz, tmp_path_factory):
     from edgedx.data import load_dataset
     from edgedx.train import TrainConfig, train
 
-    teacher = tmp_path / "teacher"
-    config = TrainConfig(arch="resnet-small", width=0.25, epochs=2, batch_size=16)
-    train(load_dataset(tiny_npz), teacher, config)
-    workers = local_addresses(2)
+    out = tmp_path_factory.mktemp("distributed") / "teacher"
+    train(load_dataset(tiny_npz), out, TrainConfig(arch="resnet-small", width=0.25, epochs=2, batch_size=16))
+    return out
+
+
+def _compress_arguments(teacher, out, quantize: str) -> list[str]:
     arguments = ["compress", str(teacher), "--distill", "--width", "0.125", "--distill-epochs", "2", "--prune"]
-    arguments += ["--quantize", "none", "--accept-loss", "--out", str(tmp_path / "small")]
-    logs = [(tmp_path / f"worker{i}.out", tmp_path / f"worker{i}.err") for i in range(2)]
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", "from edgedx.cli import main; main()", *arguments],
-            env={**os.environ, **_tf_config(workers, i)},
-            stdout=out.open("w"),
-            stderr=err.open("w"),
-        )
-        for i, (out, err) in enumerate(logs)
-    ]
+    return [*arguments, "--quantize", quantize, "--accept-loss", "--out", str(out)]
+
+
+@pytest.mark.tf
+@needs_tf
+def test_two_local_workers_distill_and_prune_one_student_and_only_the_chief_writes_it(teacher, tmp_path):
+    processes, logs = _start_workers(_compress_arguments(teacher, tmp_path / "small", "none"), tmp_path)
     for process in processes:
         process.wait(timeout=900)
-    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    outputs = _outputs(logs)
     for process, (out, err) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, out + err[-3000:]
     assert "the chief converts them and writes the bundle" in " ".join(outputs[1][0].split())
     compression = read_bundle(tmp_path / "small").manifest.compression
     assert compression.workers == 2
     assert [row["step"] for row in compression.steps] == ["parent", "distill", "prune"]
+
+
+@pytest.mark.tf
+@needs_tf
+def test_a_worker_is_released_when_the_chief_fails_after_training(teacher, tmp_path):
+    """The chief converts alone after the shared training; if that fails, the worker waiting for
+    it still exits (before, it waited at the barrier for ever)."""
+    arguments = _compress_arguments(teacher, tmp_path / "small", "int8")
+    processes, logs = _start_workers(arguments, tmp_path, chief=FAILING_CHIEF)
+    try:
+        for process in processes:
+            process.wait(timeout=900)
+    finally:
+        for process in processes:
+            process.kill()
+    (_, chief_err), (worker_out, worker_err) = _outputs(logs)
+    assert processes[0].returncode != 0 and "conversion failed on the chief" in chief_err
+    assert processes[1].returncode == 0, worker_out + worker_err[-3000:]
+    assert not (tmp_path / "small").exists()
+
+
+def test_target_kb_is_refused_on_a_cluster(tmp_path, monkeypatch):
+    from edgedx.compress import CompressConfig, compress
+
+    monkeypatch.setenv("TF_CONFIG", _tf_config(local_addresses(2), 0)["TF_CONFIG"])
+    with pytest.raises(ConfigError, match="--target-kb searches on one machine"):
+        compress(tmp_path / "parent", tmp_path / "out", CompressConfig(distill=True, quantize="int8", target_kb=64))

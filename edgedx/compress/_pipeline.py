@@ -475,23 +475,25 @@ def compress(
         )
     ]
 
-    if config.target_kb is not None:
-        chosen, search = _search_under_budget(run, stages[0])
-        stages += chosen
-    else:
-        search = None
-        for wanted, step in (
-            (config.distill, _distill),
-            (config.prune, _prune),
-            (config.quantize == "auto", _auto_precision),
-            (config.quantize not in ("auto", "none"), _quantize),
-        ):
-            if wanted and (writes or step in _TRAINING_STEPS):
+    if config.target_kb is None:  # every worker of a cluster trains the students
+        for wanted, step in ((config.distill, _distill), (config.prune, _prune)):
+            if wanted:
                 stages.append(step(run, stages[-1]))
-    if not writes:  # the students are trained; conversion and the bundle are the chief's
-        distributed.barrier(strategy)  # until the chief has written the bundle
+    if not writes:  # conversion, measurement and the bundle are the chief's
+        distributed.barrier(strategy)  # until the chief has written the bundle (or failed)
         return CompressResult(bundle=None, steps=[s.row for s in stages[1:]], seconds=time.perf_counter() - start)
     try:
+        search = None
+        if config.target_kb is not None:  # refused on a cluster above
+            chosen, search = _search_under_budget(run, stages[0])
+            stages += chosen
+        else:
+            for wanted, step in (
+                (config.quantize == "auto", _auto_precision),
+                (config.quantize not in ("auto", "none"), _quantize),
+            ):
+                if wanted:
+                    stages.append(step(run, stages[-1]))
         float_stage = next(s for s in reversed(stages) if s.tflite is None)
         loss = _loss_against_parent(run, [s.row for s in stages])
         return _write(
@@ -677,10 +679,6 @@ def _prune(run: _Run, current: _Stage) -> _Stage:
     notes = [f"{config.structure}{shared} to {config.sparsity:.0%}: {achieved:.1%} of kernel weights are zero"]
     notes.append("fine-tuned under the distillation loss" if with_teacher else "fine-tuned on the labels")
     return run.keras_stage("prune", stripped, replace(current.arch, kernel_sparsity=achieved), began, notes)
-
-
-#: The steps every worker of a cluster runs; the chief alone converts, measures and writes.
-_TRAINING_STEPS = (_distill, _prune)
 
 
 def _quantize(run: _Run, current: _Stage) -> _Stage:
