@@ -6,7 +6,10 @@ student. A variant is ``key=value`` pairs joined by ``:``; distill keys: ``width
 (``scratch``, or ``teacher``: start from the teacher's most active channels), ``lr`` (the
 teacher's learning rate times this, 1); prune keys:
 ``sparsity`` (0.75), ``epochs`` (8), ``teacher`` (1 = fine-tune under the distillation loss),
-``mix``. Every run appends a JSON line (validation and test AUC, seconds) to ``--out``.
+``mix``. Every run appends a JSON line (validation and test AUC, seconds) to ``--out``, with
+its fidelity to the teacher: the decisions it changes ("flips") and its sensitivity minus the
+teacher's, at the threshold ``compress`` would give it (the one that agrees most with the teacher
+on validation data). Distillation records them for every epoch too.
 
     python benchmarks/compress_recipes.py distill TEACHER "epochs=20,epochs=40,epochs=40:mix=1" --out r.jsonl
     python benchmarks/compress_recipes.py prune TEACHER "teacher=0,teacher=1:mix=1" --student S.keras --out r.jsonl
@@ -20,6 +23,8 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 
 def _variant(text: str) -> dict[str, str]:
@@ -40,7 +45,7 @@ def main() -> None:
     from edgedx._tf import keras, tf
     from edgedx.bundle import read_bundle
     from edgedx.compress import distill, prune
-    from edgedx.compress._pipeline import INHERIT_SAMPLES
+    from edgedx.compress._pipeline import INHERIT_SAMPLES, _matching_threshold
     from edgedx.compress.inherit import inherit_channels
     from edgedx.compress.quantize import representative_samples
     from edgedx.data import recorded_dataset
@@ -55,12 +60,39 @@ def main() -> None:
     activation = bundle.manifest.task.activation
     teacher = keras.models.load_model(bundle.model_path("keras"), compile=False)
     steps_per_epoch = math.ceil(len(data.y["train"]) / train_config.batch_size)
+    splits = ("val", "test")
+    teacher_threshold = bundle.calibration("keras").uncalibrated_threshold(bundle.threshold)
+    teacher_scores = {s: predict_scores(teacher, data.x[s], activation) for s in splits}
+    teacher_decisions = {s: teacher_scores[s] >= teacher_threshold for s in splits}
+
+    def figures(model) -> dict[str, float]:
+        """AUC, and flips and sensitivity against the teacher at the threshold matched on validation data."""
+        scores = {s: predict_scores(model, data.x[s], activation) for s in splits}
+        threshold = _matching_threshold(scores["val"], teacher_scores["val"], teacher_threshold)
+        row = {}
+        for s in splits:
+            decided, positive = scores[s] >= threshold, data.y[s] == 1
+            row[f"{s}_auc"] = round(clinical.auc(data.y[s], scores[s]), 4)
+            row[f"{s}_flips"] = round(float(np.mean(decided != teacher_decisions[s])), 4)
+            row[f"{s}_sensitivity_change"] = round(
+                float(np.mean(decided[positive]) - np.mean(teacher_decisions[s][positive])), 4
+            )
+        return row
+
+    def epoch_logger(model, seen: list[dict[str, float]]):
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            seen.append({"epoch": epoch, "loss": round(row["loss"], 4)} | figures(model))
+            print(json.dumps(seen[-1]), flush=True)
+
+        return on_epoch
+
     for text in args.variants.split(","):
         options = _variant(text)
         keras.utils.set_random_seed(0)
         tf.config.experimental.enable_op_determinism()
         began = time.perf_counter()
         mix = float(options.get("mix", 0))
+        epochs_seen: list[dict[str, float]] = []
         if args.step == "distill":
             epochs = int(options.get("epochs", 20))
             student, _ = distill.choose_student(
@@ -90,7 +122,7 @@ def main() -> None:
                 ),
                 activation=activation,
                 augmentation=dataset.augmentation,
-                on_epoch=lambda epoch, row: print(f"epoch {epoch}: {row}", flush=True),
+                on_epoch=epoch_logger(student, epochs_seen),
             )
             result = student
             result.save(args.out.parent / f"student-{text.replace(':', '_').replace('=', '')}.keras")
@@ -119,15 +151,14 @@ def main() -> None:
                 select_from_epoch=math.ceil(end_step / steps_per_epoch) + 1,
             )
             result = prune.strip(wrapped)
-        scores = {s: predict_scores(result, data.x[s], activation) for s in ("val", "test")}
         record = {
             "step": args.step,
             "variant": text,
             "from": str(args.student.name) if args.student else bundle.name,
             "nonzero_parameters": count_parameters(result)[1],
-            "val_auc": clinical.auc(data.y["val"], scores["val"]),
-            "test_auc": clinical.auc(data.y["test"], scores["test"]),
+            **figures(result),
             "seconds": round(time.perf_counter() - began),
+            "epochs": epochs_seen,
         }
         print(json.dumps(record), flush=True)
         with args.out.open("a") as f:
