@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 
-from ..runtime.probe import measure, probe_main
+from ..runtime.probe import NpyRows, measure, probe_main
 
 
-def probe_keras(bundle: str, role: str, inputs: np.ndarray, threads: int, runs: int, warmup: int) -> dict:
+def probe_keras(bundle: str, role: str, inputs: NpyRows, threads: int, runs: int, warmup: int) -> dict:
     from .._tf import keras, tf
     from ..bundle import read_bundle
     from ..outputs import probabilities

@@ -29,6 +29,40 @@ from ..errors import EdgedxError
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 
+#: Inputs read from the file and predicted at a time: a probe's memory does not grow with the split.
+INPUT_CHUNK = 256
+#: Distinct inputs the timed single-image calls cycle through.
+LATENCY_SAMPLE = 64
+
+
+class NpyRows:
+    """Rows of a ``.npy`` file, read when asked for: the file is neither loaded nor memory-mapped
+    (a mapped page read once stays in the process's resident set, and in its memory figure)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        with self.path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (
+                np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
+            )
+            self._offset = f.tell()
+        if fortran or not shape:
+            raise ValueError(f"{self.path}: expected a C-ordered array of inputs, got shape {shape}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self._row_items = int(np.prod(shape[1:], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        start, stop = max(0, start), min(stop, len(self))
+        count = max(0, stop - start)
+        with self.path.open("rb") as f:
+            f.seek(self._offset + start * self._row_items * self.dtype.itemsize)
+            flat = np.fromfile(f, self.dtype, count * self._row_items)
+        return flat.reshape((count, *self.shape[1:]))
+
 
 def apply_limits(cpu_affinity: list[int] | tuple[int, ...], memory_limit_mb: int) -> list[str]:
     """Pin this process to ``cpu_affinity`` and cap its address space; what could not be applied."""
@@ -61,18 +95,22 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def measure(predict_one: PredictFn, predict_all: PredictFn, inputs: np.ndarray, runs: int, warmup: int) -> dict:
-    """Probabilities for every input, then ``warmup`` untimed and ``runs`` timed one-image calls."""
+def measure(predict_one: PredictFn, predict_all: PredictFn, inputs: NpyRows, runs: int, warmup: int) -> dict:
+    """Probabilities for every input, ``INPUT_CHUNK`` at a time, then ``warmup`` untimed and ``runs``
+    timed one-image calls over the first ``LATENCY_SAMPLE`` inputs."""
+    sample = inputs.rows(0, LATENCY_SAMPLE)
     began = time.perf_counter()
-    predict_one(inputs[:1])
+    predict_one(sample[:1])
     first_prediction = time.time()
     first_seconds = time.perf_counter() - began
-    scores = predict_all(inputs)
+    scores = np.concatenate(
+        [np.asarray(predict_all(inputs.rows(i, i + INPUT_CHUNK))) for i in range(0, len(inputs), INPUT_CHUNK)]
+    )
     for i in range(warmup):
-        predict_one(inputs[i % len(inputs) : i % len(inputs) + 1])
+        predict_one(sample[i % len(sample) : i % len(sample) + 1])
     latencies = np.empty(runs)
     for i in range(runs):
-        x = inputs[i % len(inputs) : i % len(inputs) + 1]
+        x = sample[i % len(sample) : i % len(sample) + 1]
         t = time.perf_counter()
         predict_one(x)
         latencies[i] = time.perf_counter() - t
@@ -95,7 +133,7 @@ def summarize_latency(latency_ms: list[float]) -> dict[str, float]:
     }
 
 
-def probe_tflite(bundle: str, role: str, inputs: np.ndarray, threads: int, runs: int, warmup: int) -> dict:
+def probe_tflite(bundle: str, role: str, inputs: NpyRows, threads: int, runs: int, warmup: int) -> dict:
     from .model import Model
 
     began = time.perf_counter()
@@ -141,7 +179,7 @@ def run_probe(
     return result
 
 
-def probe_main(probe: Callable[[str, str, np.ndarray, int, int, int], dict], argv: list[str] | None = None) -> None:
+def probe_main(probe: Callable[[str, str, NpyRows, int, int, int], dict], argv: list[str] | None = None) -> None:
     """The command line of a probe process; ``probe`` loads and measures one model."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bundle", required=True)
@@ -156,7 +194,7 @@ def probe_main(probe: Callable[[str, str, np.ndarray, int, int, int], dict], arg
     affinity = [int(c) for c in args.cpu_affinity.split(",") if c]
     try:
         notes = apply_limits(affinity, args.memory_limit_mb)
-        inputs = np.load(args.inputs)
+        inputs = NpyRows(args.inputs)
         result = probe(args.bundle, args.role, inputs, args.threads, args.runs, args.warmup)
     except (EdgedxError, MemoryError, OSError, ValueError) as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
