@@ -16,6 +16,8 @@ from edgedx.data.synth import (
     SynthConfig,
     make_head,
     render_slice,
+    render_study,
+    study_patient_id,
     study_split,
 )
 from edgedx.errors import ConfigError
@@ -63,6 +65,20 @@ class TestFiles:
         assert len(files) == 6
         for f in files:
             assert f.read_bytes() == (b / f.relative_to(a)).read_bytes()
+
+    def test_render_study_redraws_the_written_slices_with_their_masks(self, tiny_headct):
+        config = SynthConfig(studies=10, slices=3, seed=0, difficulty="easy")  # the fixture's
+        with open(tiny_headct / "labels.csv") as f:
+            rows = {row["file"]: row for row in csv.DictReader(f)}
+        for study in (0, 7):
+            _, date, images = render_study(config, study)
+            for index, image in enumerate(images):
+                rel = f"{study_patient_id(config, study)}/{index:03d}.dcm"
+                ds = pydicom.dcmread(tiny_headct / rel)
+                hu = modality_lut(ds.pixel_array, ds.RescaleSlope, ds.RescaleIntercept)
+                assert np.abs(hu - image.hu).max() <= 0.5  # the file stores whole HU
+                assert ds.StudyDate == date.strftime("%Y%m%d")
+                assert int(rows[rel]["any"]) == int(image.masks["blood"].any())
 
     def test_refuses_to_overwrite(self, tiny_headct):
         from edgedx.data import synthesize

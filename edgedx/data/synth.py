@@ -24,7 +24,7 @@ import csv
 import datetime as dt
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from itertools import repeat
@@ -469,30 +469,45 @@ def study_split(config: SynthConfig) -> list[str]:
     return names
 
 
-def _write_study(out: Path, config: SynthConfig, study: int, split: str) -> list[dict[str, object]]:
-    """Write one study's slices; return their rows of ``labels.csv``."""
+def study_patient_id(config: SynthConfig, study: int) -> str:
+    """The Patient ID (and folder name) of study number ``study``."""
+    return f"SYN{config.seed:03d}P{study:05d}"
+
+
+def render_study(config: SynthConfig, study: int) -> tuple[Acquisition, dt.date, Iterator[SliceImage]]:
+    """Study number ``study``'s acquisition, date and slices (lowest first, rendered as iterated).
+
+    Every study draws from its own seeded generator, so this gives the images ``synthesize``
+    wrote, with their masks, without reading the files: benchmarks use it to know lesion sizes.
+    """
     rng = np.random.default_rng([config.seed, study])
     head = make_head(rng)
     lesions = make_lesions(rng, config.slices, DIFFICULTIES[config.difficulty])
     acquisition = make_acquisition(rng) if config.scanner else Acquisition()
-    patient_id = f"SYN{config.seed:03d}P{study:05d}"
     date = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1800)))
-    (out / patient_id).mkdir(exist_ok=True)
+    slices = (render_slice(head, lesions, i, config.slices, rng, acquisition) for i in range(config.slices))
+    return acquisition, date, slices
+
+
+def _write_study(out: Path, config: SynthConfig, study: int, split: str) -> list[dict[str, object]]:
+    """Write one study's slices; return their rows of ``labels.csv``."""
+    acquisition, date, images = render_study(config, study)
+    patient = study_patient_id(config, study)
+    (out / patient).mkdir(exist_ok=True)
     rows = []
-    for index in range(config.slices):
-        image = render_slice(head, lesions, index, config.slices, rng, acquisition)
-        rel = f"{patient_id}/{index:03d}.dcm"
+    for index, image in enumerate(images):
+        rel = f"{patient}/{index:03d}.dcm"
         uid = write_slice_dicom(
             out / rel,
             image,
             seed=config.seed,
             study=study,
             index=index,
-            patient_id=patient_id,
+            patient_id=patient,
             study_date=date,
             acquisition=acquisition,
         )
-        rows.append({"file": rel, "SOPInstanceUID": uid, "PatientID": patient_id, "split": split, **image.labels})
+        rows.append({"file": rel, "SOPInstanceUID": uid, "PatientID": patient, "split": split, **image.labels})
     return rows
 
 
