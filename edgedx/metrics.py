@@ -44,6 +44,10 @@ def chance_auc_bound(y: np.ndarray, *, standard_errors: float = 3.0) -> float:
     return 0.5 + standard_errors * float(np.sqrt((rare + common + 1) / (12 * rare * common)))
 
 
+#: Resampled cases scored at once by :func:`bootstrap_auc_ci` (bounds its memory, ~100 MB).
+_RESAMPLE_BLOCK_ELEMENTS = 4_000_000
+
+
 def bootstrap_auc_ci(
     y: np.ndarray, scores: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
@@ -51,21 +55,48 @@ def bootstrap_auc_ci(
 
     Resamples that miss a class are drawn again (they have no AUC).
     """
+    y, scores = np.asarray(y), np.asarray(scores)
     rng = np.random.default_rng(seed)
     n, classes = len(y), np.unique(y).size
+    block = max(1, _RESAMPLE_BLOCK_ELEMENTS // max(n, 1))
     values: list[float] = []
+    pending: list[np.ndarray] = []
     draws = 0
-    while len(values) < resamples and draws < resamples * 10:
+    while len(values) + len(pending) < resamples and draws < resamples * 10:
         draws += 1
         idx = rng.integers(0, n, n)
         if np.unique(y[idx]).size < classes:
             continue
-        values.append(auc(y[idx], scores[idx]))
+        pending.append(idx)
+        if len(pending) == block:
+            values += _resampled_aucs(y, scores, np.stack(pending))
+            pending = []
+    if pending:
+        values += _resampled_aucs(y, scores, np.stack(pending))
     if not values:
         return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(values, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def _resampled_aucs(y: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> list[float]:
+    """The AUC of each resample (a row of case indices).
+
+    Binary scores are ranked all rows at once: the AUC is the Mann-Whitney statistic with tied
+    scores given their mean rank, which is what ``roc_auc_score`` computes, without its per-call
+    overhead (2,000 resamples of 360 cases: 5.6 s that way on this project's 2-core machine).
+    """
+    if y.ndim != 1 or scores.ndim != 1 or np.unique(y).size != 2:
+        return [auc(y[r], scores[r]) for r in rows]
+    from scipy.stats import rankdata
+
+    positive = y[rows] == np.max(y)  # roc_auc_score's positive class: the greater label
+    ranks = rankdata(scores[rows], axis=1)
+    n_positive = positive.sum(axis=1)
+    n_negative = rows.shape[1] - n_positive
+    u = (ranks * positive).sum(axis=1) - n_positive * (n_positive + 1) / 2
+    return (u / (n_positive * n_negative)).tolist()
 
 
 def choose_threshold(

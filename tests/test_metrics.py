@@ -58,3 +58,24 @@ def test_chance_auc_bound():
     assert chance_auc_bound(np.zeros(5, int)) == 1.0  # one class: no AUC to leave chance with
     rng = np.random.default_rng(0)
     assert max(auc(y, rng.random(len(y))) for _ in range(200)) < chance_auc_bound(y)
+
+
+@pytest.mark.parametrize("labels", [(0, 1), (2, 5)])
+def test_bootstrap_auc_ci_ranks_every_resample_as_roc_auc_score_does(monkeypatch, labels):
+    """The rank-based AUC of each resample equals scikit-learn's, ties, small blocks and all."""
+    from sklearn.metrics import roc_auc_score
+
+    from edgedx import metrics
+
+    rng = np.random.default_rng(3)
+    y = np.where(rng.random(60) < 0.3, labels[1], labels[0])
+    scores = np.round(rng.random(60), 1)  # ten distinct values: many ties
+    monkeypatch.setattr(metrics, "_RESAMPLE_BLOCK_ELEMENTS", 60 * 7)  # several blocks and a remainder
+    expected, draws = [], np.random.default_rng(11)
+    while len(expected) < 50:
+        idx = draws.integers(0, 60, 60)
+        if np.unique(y[idx]).size == 2:
+            expected.append(roc_auc_score(y[idx] == labels[1], scores[idx]))
+    lo, hi = metrics.bootstrap_auc_ci(y, scores, resamples=50, seed=11)
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(expected, [2.5, 97.5])), abs=1e-12)
+    assert lo < roc_auc_score(y == labels[1], scores) < hi
