@@ -48,7 +48,7 @@ def scores_of(bundle, x: np.ndarray) -> tuple[np.ndarray, float, str]:
     logits = net.predict(x, batch_size=128, verbose=0)
     return (
         probabilities(logits, bundle.manifest.task.activation, bundle.calibration("keras")),
-        bundle.threshold,
+        bundle.model_threshold("keras"),
         "keras",
     )
 
