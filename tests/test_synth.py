@@ -17,7 +17,7 @@ from edgedx.data.synth import (
     make_head,
     render_slice,
     render_study,
-    study_patient_id,
+    slice_file,
     study_split,
 )
 from edgedx.errors import ConfigError
@@ -73,7 +73,7 @@ class TestFiles:
         for study in (0, 7):
             _, date, images = render_study(config, study)
             for index, image in enumerate(images):
-                rel = f"{study_patient_id(config, study)}/{index:03d}.dcm"
+                rel = slice_file(config, study, index)
                 ds = pydicom.dcmread(tiny_headct / rel)
                 hu = modality_lut(ds.pixel_array, ds.RescaleSlope, ds.RescaleIntercept)
                 assert np.abs(hu - image.hu).max() <= 0.5  # the file stores whole HU

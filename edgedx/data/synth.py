@@ -474,6 +474,11 @@ def study_patient_id(config: SynthConfig, study: int) -> str:
     return f"SYN{config.seed:03d}P{study:05d}"
 
 
+def slice_file(config: SynthConfig, study: int, index: int) -> str:
+    """The path, relative to the dataset folder, of slice ``index`` of study number ``study``."""
+    return f"{study_patient_id(config, study)}/{index:03d}.dcm"
+
+
 def render_study(config: SynthConfig, study: int) -> tuple[Acquisition, dt.date, Iterator[SliceImage]]:
     """Study number ``study``'s acquisition, date and slices (lowest first, rendered as iterated).
 
@@ -496,7 +501,7 @@ def _write_study(out: Path, config: SynthConfig, study: int, split: str) -> list
     (out / patient).mkdir(exist_ok=True)
     rows = []
     for index, image in enumerate(images):
-        rel = f"{patient}/{index:03d}.dcm"
+        rel = slice_file(config, study, index)
         uid = write_slice_dicom(
             out / rel,
             image,
