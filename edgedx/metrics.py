@@ -59,6 +59,7 @@ def bootstrap_auc_ci(
     rng = np.random.default_rng(seed)
     n, classes = len(y), np.unique(y).size
     block = max(1, _RESAMPLE_BLOCK_ELEMENTS // max(n, 1))
+    ranked = y.ndim == 1 and scores.ndim == 1 and classes == 2
     values: list[float] = []
     pending: list[np.ndarray] = []
     draws = 0
@@ -69,10 +70,10 @@ def bootstrap_auc_ci(
             continue
         pending.append(idx)
         if len(pending) == block:
-            values += _resampled_aucs(y, scores, np.stack(pending))
+            values += _resampled_aucs(y, scores, np.stack(pending), ranked=ranked)
             pending = []
     if pending:
-        values += _resampled_aucs(y, scores, np.stack(pending))
+        values += _resampled_aucs(y, scores, np.stack(pending), ranked=ranked)
     if not values:
         return float("nan"), float("nan")
     tail = (1 - level) / 2 * 100
@@ -80,14 +81,14 @@ def bootstrap_auc_ci(
     return float(lo), float(hi)
 
 
-def _resampled_aucs(y: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> list[float]:
+def _resampled_aucs(y: np.ndarray, scores: np.ndarray, rows: np.ndarray, *, ranked: bool) -> list[float]:
     """The AUC of each resample (a row of case indices).
 
-    Binary scores are ranked all rows at once: the AUC is the Mann-Whitney statistic with tied
+    Binary scores (``ranked``) are ranked all rows at once: the AUC is the Mann-Whitney statistic with tied
     scores given their mean rank, which is what ``roc_auc_score`` computes, without its per-call
     overhead (2,000 resamples of 360 cases: 5.6 s that way on this project's 2-core machine).
     """
-    if y.ndim != 1 or scores.ndim != 1 or np.unique(y).size != 2:
+    if not ranked:
         return [auc(y[r], scores[r]) for r in rows]
     from scipy.stats import rankdata
 
