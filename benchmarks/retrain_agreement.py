@@ -14,7 +14,8 @@ model when it has no TFLite one), as calibrated probabilities. Each other bundle
 with the reference at two thresholds: its own, and the one at which its validation decisions
 agree most with the reference's (the threshold ``compress`` gives a student). Figures: AUC;
 decisions flipped against the reference; sensitivity and specificity change against it; 95%
-intervals from resampling patients (slices of one patient are not independent). On the embedded
+intervals from resampling patients (slices of one patient are not independent; a patient is
+the first folder of a slice's path, as in the synthetic set and most DICOM exports). On the embedded
 synthetic set, also sensitivity by how many pixels of blood the slice shows at the model's input.
 """
 
@@ -31,8 +32,9 @@ SPLITS = ("val", "test")
 SIZE_BINS = (1.0, 4.0, 16.0, np.inf)
 
 
-def scores_of(bundle, x: np.ndarray) -> tuple[np.ndarray, float, str]:
-    """Calibrated probabilities of the bundle's deployed model (Keras if it has none), its threshold, its role."""
+def scores_of(bundle, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float, str]:
+    """Calibrated probabilities on each split of ``inputs`` from the bundle's deployed model (its
+    Keras model if it has none, loaded once), that model's threshold and its role."""
     from edgedx.precision import deployed_role
 
     role = deployed_role(bundle.manifest.models, bundle.manifest.deploy)
@@ -40,22 +42,21 @@ def scores_of(bundle, x: np.ndarray) -> tuple[np.ndarray, float, str]:
         from edgedx.runtime import Model
 
         model = Model.load(bundle, role=role)
-        return model.predict_inputs(x), float(model.threshold), role
+        return {s: model.predict_inputs(x) for s, x in inputs.items()}, float(model.threshold), role
     from edgedx._tf import keras
     from edgedx.outputs import probabilities
 
     net = keras.models.load_model(bundle.model_path("keras"), compile=False)
-    logits = net.predict(x, batch_size=128, verbose=0)
-    return (
-        probabilities(logits, bundle.manifest.task.activation, bundle.calibration("keras")),
-        bundle.model_threshold("keras"),
-        "keras",
-    )
+    activation, calibration = bundle.manifest.task.activation, bundle.calibration("keras")
+    scores = {
+        s: probabilities(net.predict(x, batch_size=128, verbose=0), activation, calibration) for s, x in inputs.items()
+    }
+    return scores, bundle.model_threshold("keras"), "keras"
 
 
 def lesion_pixels(dataset, split: str, size: int) -> np.ndarray | None:
     """Pixels of blood in each slice of ``split`` at a ``size``-pixel input; None for data not synthesized here."""
-    from edgedx.data.synth import SIZE, config_from_record, render_study, study_patient_id
+    from edgedx.data.synth import SIZE, config_from_record, render_study, slice_file, study_patient_id
 
     if not dataset.synthetic:
         return None
@@ -63,11 +64,17 @@ def lesion_pixels(dataset, split: str, size: int) -> np.ndarray | None:
     wanted = {i.split("/")[0] for i in dataset.splits[split].ids}
     pixels: dict[str, float] = {}
     for study in range(config.studies):
-        patient = study_patient_id(config, study)
-        if patient in wanted:
+        if study_patient_id(config, study) in wanted:
             for index, image in enumerate(render_study(config, study)[2]):
-                pixels[f"{patient}/{index:03d}.dcm"] = image.masks["blood"].sum() * (size / SIZE) ** 2
+                pixels[slice_file(config, study, index)] = image.masks["blood"].sum() * (size / SIZE) ** 2
     return np.array([pixels[i] for i in dataset.splits[split].ids])
+
+
+def positive_calls(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Positive calls, by the rule every edgedx model decides with."""
+    from edgedx.outputs import decisions
+
+    return decisions(scores, threshold).astype(bool)
 
 
 def change(decided: np.ndarray, reference: np.ndarray, positive: np.ndarray, rows: np.ndarray) -> dict[str, float]:
@@ -152,11 +159,10 @@ def main() -> None:
     for b in bundles:
         spec = b.preprocess
         x = {s: np.asarray(cache_split(dataset, s, spec).inputs.normalised(spec.mean, spec.std)) for s in SPLITS}
-        scores, threshold, role = zip(*(scores_of(b, x[s]) for s in SPLITS), strict=True)
-        scored.append({"bundle": str(b.path), "role": role[0], "scores": dict(zip(SPLITS, scores, strict=True))})
-        scored[-1]["threshold"] = threshold[0]
+        scores, threshold, role = scores_of(b, x)
+        scored.append({"bundle": str(b.path), "role": role, "scores": scores, "threshold": threshold})
     ref = scored[0]
-    ref_decided = {s: ref["scores"][s] >= ref["threshold"] for s in SPLITS}
+    ref_decided = {s: positive_calls(ref["scores"][s], ref["threshold"]) for s in SPLITS}
 
     report = []
     for item in scored:
@@ -167,12 +173,12 @@ def main() -> None:
             y, z = labels[s], item["scores"][s]
             row[s] = {
                 "auc": round(clinical.auc(y, z), 4),
-                "sensitivity": round(float(np.mean(z[y] >= item["threshold"])), 4),
+                "sensitivity": round(float(np.mean(positive_calls(z, item["threshold"])[y])), 4),
             }
             for name, t in (("own", item["threshold"]), ("matched", matched)):
-                row[s][name] = with_intervals(z >= t, ref_decided[s], y, patients[s], args.resamples)
+                row[s][name] = with_intervals(positive_calls(z, t), ref_decided[s], y, patients[s], args.resamples)
             if pixels[s] is not None:
-                row[s]["sensitivity_by_lesion_pixels"] = sensitivity_by_size(z >= matched, y, pixels[s])
+                row[s]["sensitivity_by_lesion_pixels"] = sensitivity_by_size(positive_calls(z, matched), y, pixels[s])
         report.append(row)
 
     for row in report:
