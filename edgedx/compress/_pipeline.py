@@ -29,6 +29,7 @@ from ..bundle import (
 from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
 from ..data import Augmentation, input_batches, recorded_dataset
 from ..data.cache import same_data
+from ..devices import DeviceProfile, load_profile
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
@@ -49,7 +50,8 @@ DISTILL_EPOCHS_PER_TEACHER_EPOCH = {"teacher": 1, "scratch": 2}
 STUDENT_INITS = ("teacher", "scratch")
 #: Training inputs the teacher's channels are ranked on when a student inherits them.
 INHERIT_SAMPLES = 256
-#: --quantize auto: median latencies within this fraction of the fastest count as a tie, broken by size.
+#: --quantize auto: a candidate within this fraction of the fastest's median in any round is tied
+#: with it; ties are broken by size.
 LATENCY_TIE = 0.05
 #: The --target-kb frontier plot, in the bundle.
 FRONTIER_FILE = "frontier.png"
@@ -81,7 +83,8 @@ class CompressConfig:
     target_kb: float | None = None  # search student width and sparsity for the best int8 model this size
     search_candidates: int = 3  # --target-kb: how many (width, sparsity) candidates to train
     device: str | None = None  # with quantize="auto": the device profile to measure candidates on
-    auto_runs: int = 200
+    auto_runs: int = 200  # --quantize auto: timed single-image calls per candidate and round
+    auto_rounds: int = 3  # --quantize auto: rounds that each time every candidate once, in turns
     qat: bool = False
     qat_epochs: int = 3
     max_auc_drop: float = 0.01  # validation AUC, against the parent over the pipeline and per quantization
@@ -118,7 +121,8 @@ class CompressConfig:
             raise ConfigError(f"max sensitivity drop must be in [0, 1], got {self.max_sensitivity_drop}")
         if not 0 <= self.max_flips < 1:
             raise ConfigError(f"max flips must be in [0, 1), got {self.max_flips}")
-        for name in ("prune_epochs", "qat_epochs", "calibration_samples", "auto_runs", "search_candidates"):
+        counts = ("prune_epochs", "qat_epochs", "calibration_samples", "auto_runs", "auto_rounds", "search_candidates")
+        for name in counts:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
         if self.target_kb is not None and (self.target_kb <= 0 or not self.distill or self.quantize != "int8"):
@@ -812,47 +816,20 @@ def _candidate_bundle(folder: Path, model: TFLiteModel, parent: Manifest, thresh
 def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     """Convert to every precision, measure each on the device, keep the fastest that passes the guard.
 
-    Latency is the median of ``auto_runs`` single-image predictions in a runtime-only process limited
-    as the device profile says (the same probe ``edgedx bench`` uses), on validation inputs. The
-    stage's ``auto_precision`` holds every candidate's figures and the reason for the choice.
+    Latency is measured as the device profile says (the same probe ``edgedx bench`` uses), on
+    validation inputs, in ``auto_rounds`` rounds that each measure every candidate once, in turns.
+    The stage's ``auto_precision`` holds every candidate's figures and the reason for the choice.
     """
-    from ..devices import load_profile
-    from ..runtime.probe import run_probe, summarize_latency
-    from .quantize import convert
-
     began, config, prepared = time.perf_counter(), run.config, run.data
     profile = load_profile(config.device)
-    float_tflite = current.float32
-    calibration = run.calibration_inputs()
     reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
     candidates, models = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = Path(tmp) / "val.npy"
-        np.save(inputs, prepared.x["val"][:256])
+        bundles = {}
         for precision in AUTO_CANDIDATES:
-            if precision == "int8":  # the int8 that compress --quantize int8 would keep
-                chosen, _ = _post_training_int8(
-                    current.keras_model, calibration, current, prepared, run.activation, config
-                )
-                model, scores = chosen.model, chosen.scores
-            elif precision == "float32":
-                model = float_tflite
-                scores = _tflite_scores(model, prepared, run.activation)
-            else:  # every candidate stored like the float32 one
-                model = convert(current.keras_model, precision, calibration, sparse=float_tflite.sparse)
-                scores = _tflite_scores(model, prepared, run.activation)
+            model, scores = _auto_candidate(run, current, precision)
             drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
-            bundle = _candidate_bundle(Path(tmp), model, run.parent.manifest, current.threshold)
-            probe = run_probe(
-                "edgedx.runtime.probe",
-                bundle=bundle,
-                role=role_of(precision),
-                inputs=inputs,
-                threads=profile.threads,
-                cpu_affinity=profile.cpu_affinity,
-                memory_limit_mb=profile.memory_limit_mb,
-                runs=config.auto_runs,
-            )
+            bundles[precision] = _candidate_bundle(Path(tmp), model, run.parent.manifest, current.threshold)
             models[precision] = (model, scores)
             candidates.append(
                 {
@@ -861,15 +838,19 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
                     **({"float_ops": list(model.float_ops)} if model.float_ops else {}),
                     "val_auc_drop": drop,
                     "passes_guard": precision == "float32" or drop <= config.max_auc_drop,
-                    **{k: round(v, 4) for k, v in summarize_latency(probe["latency_ms"]).items()},
-                    "peak_rss_mb": round(probe["peak_rss_mb"], 1),
                 }
             )
+        inputs = Path(tmp) / "val.npy"
+        np.save(inputs, prepared.x["val"][:256])
+        timings = _latency_rounds(bundles, inputs, profile, runs=config.auto_runs, rounds=config.auto_rounds)
+    for candidate in candidates:
+        candidate |= timings[candidate["precision"]]
     winner, tied = _fastest_then_smallest([c for c in candidates if c["passes_guard"]])
     ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
     refused = [c["precision"] for c in candidates if not c["passes_guard"]]
     size_note = (
-        f"; the smallest of {', '.join(c['precision'] for c in tied)}, within {LATENCY_TIE:.0%} of the fastest"
+        f"; the smallest of {', '.join(c['precision'] for c in tied)}, within {LATENCY_TIE:.0%} of the "
+        f"fastest in at least one of {config.auto_rounds} rounds"
         if len(tied) > 1
         else ""
     )
@@ -878,8 +859,8 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         f"{config.max_auc_drop}{size_note} (median latency: {ranked})"
         + (f"; refused for accuracy: {', '.join(refused)}" if refused else "")
     )
-    record = {"device": profile.to_dict(), "runs": config.auto_runs, "candidates": candidates}
-    record |= {"winner": winner["precision"], "reason": reason}
+    record = {"device": profile.to_dict(), "runs": config.auto_runs, "rounds": config.auto_rounds}
+    record |= {"candidates": candidates, "winner": winner["precision"], "reason": reason}
     model, scores = models[winner["precision"]]
     return run.stage(
         f"quantize-auto:{model.precision}",
@@ -894,14 +875,73 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     )
 
 
-def _fastest_then_smallest(passing: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The candidate to deploy, and those whose median latency is within ``LATENCY_TIE`` of the fastest.
+def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[TFLiteModel, dict[str, np.ndarray]]:
+    """``current`` converted to ``precision`` as ``compress --quantize`` would keep it, and its scores."""
+    from .quantize import convert
 
-    Latencies closer than that are not told apart by a few hundred calls on a shared machine;
-    among them the smallest file wins.
+    if precision == "int8":  # with the float-op retries of --quantize int8
+        chosen, _ = _post_training_int8(
+            current.keras_model, run.calibration_inputs(), current, run.data, run.activation, run.config
+        )
+        return chosen.model, chosen.scores
+    if precision == "float32":
+        model = current.float32
+    else:  # every candidate stored like the float32 one
+        model = convert(current.keras_model, precision, run.calibration_inputs(), sparse=current.float32.sparse)
+    return model, _tflite_scores(model, run.data, run.activation)
+
+
+def _latency_rounds(
+    bundles: dict[str, Path], inputs: Path, profile: DeviceProfile, *, runs: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Single-image latency of each candidate bundle, ``runs`` calls per round, the candidates in turns.
+
+    Each round starts the order one candidate later, so none is always measured first or last; a
+    drift of the machine's speed then falls on every candidate, not on one. Per candidate: the
+    latency summary over all rounds, the median of each round, and the peak RSS.
     """
-    fastest = min(c["p50_ms"] for c in passing)
-    tied = [c for c in passing if c["p50_ms"] <= fastest * (1 + LATENCY_TIE)]
+    from ..runtime.probe import run_probe, summarize_latency
+
+    names = list(bundles)
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    round_p50: dict[str, list[float]] = {name: [] for name in names}
+    peak_rss: dict[str, float] = dict.fromkeys(names, 0.0)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            probe = run_probe(
+                "edgedx.runtime.probe",
+                bundle=bundles[name],
+                role=role_of(name),
+                inputs=inputs,
+                threads=profile.threads,
+                cpu_affinity=profile.cpu_affinity,
+                memory_limit_mb=profile.memory_limit_mb,
+                runs=runs,
+            )
+            latencies[name] += probe["latency_ms"]
+            round_p50[name].append(round(float(np.median(probe["latency_ms"])), 4))
+            peak_rss[name] = max(peak_rss[name], probe["peak_rss_mb"])
+    return {
+        name: {k: round(v, 4) for k, v in summarize_latency(latencies[name]).items()}
+        | {"round_p50_ms": round_p50[name], "peak_rss_mb": round(peak_rss[name], 1)}
+        for name in names
+    }
+
+
+def _fastest_then_smallest(passing: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The candidate to deploy, and those the fastest did not beat by more than ``LATENCY_TIE`` in every round.
+
+    The fastest is the one with the lowest median over all rounds. A larger file is worth deploying
+    only if it is faster in every round by more than the tie; otherwise the difference is the
+    machine's noise, and among the tied candidates the smallest file wins.
+    """
+    fastest = min(passing, key=lambda c: c["p50_ms"])
+
+    def tied_with_fastest(c: dict[str, Any]) -> bool:
+        rounds = zip(c["round_p50_ms"], fastest["round_p50_ms"], strict=True)
+        return any(mine <= best * (1 + LATENCY_TIE) for mine, best in rounds)
+
+    tied = [c for c in passing if tied_with_fastest(c)]
     return min(tied, key=lambda c: (c["bytes"], c["p50_ms"])), tied
 
 
