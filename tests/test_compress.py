@@ -126,6 +126,10 @@ def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
     assert models["tflite-float32"].sparse_encoding is True and models["tflite-dynamic"].sparse_encoding is False
     prediction = Model.load(result.bundle.path).predict(np.full((16, 16), 200.0))
     assert 0 <= float(prediction.probabilities) <= 1
+    # quantizing the pruned bundle later stores it as sparse as quantizing it in the same run
+    again = compress(result.bundle.path, tmp_path / "q", CompressConfig(quantize="int8")).bundle.manifest
+    assert again.arch.kernel_sparsity == result.bundle.manifest.arch.kernel_sparsity
+    assert again.models["tflite-float32"].sparse_encoding is True and again.models["tflite-int8"].sparse_encoding
 
 
 def test_erk_shares_the_sparsity_by_layer_shape():

@@ -475,7 +475,10 @@ def compress(
             keras_model=teacher,
             threshold=parent_threshold,
             scores=parent_scores,
-            arch=ArchRecord(name=manifest.arch.name, width=manifest.arch.width),
+            # a parent pruned before keeps its sparsity, and its conversions the sparse encoding
+            arch=ArchRecord(
+                name=manifest.arch.name, width=manifest.arch.width, kernel_sparsity=manifest.arch.kernel_sparsity
+            ),
         )
     ]
 
@@ -848,16 +851,15 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     winner, tied = _fastest_then_smallest([c for c in candidates if c["passes_guard"]])
     ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
     refused = [c["precision"] for c in candidates if not c["passes_guard"]]
-    size_note = (
-        f"; the smallest of {', '.join(c['precision'] for c in tied)}, within {LATENCY_TIE:.0%} of the "
-        f"fastest in at least one of {config.auto_rounds} rounds"
+    choice = (
+        f"{winner['precision']} is the smallest of {', '.join(c['precision'] for c in tied)}, which the fastest "
+        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {profile.name}"
         if len(tied) > 1
-        else ""
+        else f"{winner['precision']} is the fastest on {profile.name}"
     )
+    refusals = f"; refused for accuracy: {', '.join(refused)}" if refused else ""
     reason = (
-        f"{winner['precision']} is the fastest on {profile.name} of the precisions within --max-auc-drop "
-        f"{config.max_auc_drop}{size_note} (median latency: {ranked})"
-        + (f"; refused for accuracy: {', '.join(refused)}" if refused else "")
+        f"{choice}, of the precisions within --max-auc-drop {config.max_auc_drop} (median latency: {ranked}){refusals}"
     )
     record = {"device": profile.to_dict(), "runs": config.auto_runs, "rounds": config.auto_rounds}
     record |= {"candidates": candidates, "winner": winner["precision"], "reason": reason}
