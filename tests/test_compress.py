@@ -398,6 +398,8 @@ def test_auto_precision_keeps_the_fastest_that_passes(parent, tmp_path):
     assert winner in tied and winner["bytes"] == min(c["bytes"] for c in tied)
     assert result.bundle.manifest.deploy == f"tflite-{record['winner']}"
     assert record["winner"] in record["reason"] and "host" in record["reason"]
+    # the deployed candidate keeps the pipeline within its limits, as the bundle's own record says
+    assert winner["over_pipeline_limits"] == [] and result.bundle.manifest.compression.loss_against_parent.within_limits
     Model.load(result.bundle.path)  # the winner is deployable
 
 
@@ -516,6 +518,34 @@ def test_auto_precision_breaks_latency_ties_by_size():
     int8 = candidate("int8", [1.2, 1.06, 1.3], 70_000)
     winner, tied = _fastest_then_smallest([float32, dynamic, int8])
     assert winner is dynamic and tied == [dynamic]
+
+
+def test_auto_precision_deploys_only_what_keeps_the_pipeline_within_its_limits():
+    from edgedx.compress._pipeline import _auto_choice
+
+    def candidate(precision, p50, size, over=(), auc_drop=0.001):
+        return {
+            "precision": precision,
+            "p50_ms": p50,
+            "round_p50_ms": [p50] * 3,
+            "bytes": size,
+            "val_auc_drop": auc_drop,
+            "over_pipeline_limits": list(over),
+        }
+
+    config = CompressConfig(quantize="auto", device="host")
+    int8 = candidate("int8", 1.0, 70_000, over=["sensitivity"])  # fastest, smallest, one positive case short
+    dynamic, float32 = candidate("dynamic", 1.3, 100_000), candidate("float32", 3.0, 330_000, auc_drop=0.0)
+    winner, reason = _auto_choice([int8, dynamic, float32], config, "host")
+    assert winner is dynamic and not int8["passes_guard"] and dynamic["passes_guard"]
+    assert "refused for accuracy: int8 (the pipeline's sensitivity over its limit)" in reason
+    # the float model itself is over the limits: quantization is held to its own AUC drop only
+    float32["over_pipeline_limits"] = dynamic["over_pipeline_limits"] = ["auc"]
+    winner, reason = _auto_choice([int8, dynamic, float32], config, "host")
+    assert winner is int8 and "refused" not in reason
+    int8["val_auc_drop"] = 0.02
+    winner, reason = _auto_choice([int8, dynamic, float32], config, "host")
+    assert winner is dynamic and "int8 (validation AUC -0.0200 against the float model)" in reason
 
 
 def test_auto_precision_times_the_candidates_in_turns(monkeypatch, tmp_path):

@@ -817,7 +817,9 @@ def _candidate_bundle(folder: Path, model: TFLiteModel, parent: Manifest, thresh
 
 
 def _auto_precision(run: _Run, current: _Stage) -> _Stage:
-    """Convert to every precision, measure each on the device, keep the fastest that passes the guard.
+    """Convert to every precision, measure each on the device, keep the fastest that passes the guard:
+    its own AUC drop within ``max_auc_drop``, and the whole pipeline within its limits against the
+    parent (which a faster precision losing one more positive case could otherwise break).
 
     Latency is measured as the device profile says (the same probe ``edgedx bench`` uses), on
     validation inputs, in ``auto_rounds`` rounds that each measure every candidate once, in turns.
@@ -826,12 +828,14 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     began, config, prepared = time.perf_counter(), run.config, run.data
     profile = load_profile(config.device)
     reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
+    parent_val = _val_figures(run, run.parent_scores["val"], run.parent_threshold)
     candidates, models = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         bundles = {}
         for precision in AUTO_CANDIDATES:
             model, scores = _auto_candidate(run, current, precision)
-            drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
+            threshold = _matching_threshold(scores["val"], current.scores["val"], current.threshold)
+            val = _val_figures(run, scores["val"], threshold)
             bundles[precision] = _candidate_bundle(Path(tmp), model, run.parent.manifest, current.threshold)
             models[precision] = (model, scores)
             candidates.append(
@@ -839,8 +843,9 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
                     "precision": precision,
                     "bytes": len(model.content),
                     **({"float_ops": list(model.float_ops)} if model.float_ops else {}),
-                    "val_auc_drop": drop,
-                    "passes_guard": precision == "float32" or drop <= config.max_auc_drop,
+                    "val_auc_drop": reference_auc - clinical.auc(prepared.y["val"], scores["val"]),
+                    "pipeline_val_drop": {k: round(parent_val[k] - val[k], 6) for k in val},
+                    "over_pipeline_limits": _over_limits(parent_val, val, config),
                 }
             )
         inputs = Path(tmp) / "val.npy"
@@ -848,19 +853,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         timings = _latency_rounds(bundles, inputs, profile, runs=config.auto_runs, rounds=config.auto_rounds)
     for candidate in candidates:
         candidate |= timings[candidate["precision"]]
-    winner, tied = _fastest_then_smallest([c for c in candidates if c["passes_guard"]])
-    ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
-    refused = [c["precision"] for c in candidates if not c["passes_guard"]]
-    choice = (
-        f"{winner['precision']} is the smallest of {', '.join(c['precision'] for c in tied)}, which the fastest "
-        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {profile.name}"
-        if len(tied) > 1
-        else f"{winner['precision']} is the fastest on {profile.name}"
-    )
-    refusals = f"; refused for accuracy: {', '.join(refused)}" if refused else ""
-    reason = (
-        f"{choice}, of the precisions within --max-auc-drop {config.max_auc_drop} (median latency: {ranked}){refusals}"
-    )
+    winner, reason = _auto_choice(candidates, config, profile.name)
     record = {"device": profile.to_dict(), "runs": config.auto_runs, "rounds": config.auto_rounds}
     record |= {"candidates": candidates, "winner": winner["precision"], "reason": reason}
     model, scores = models[winner["precision"]]
@@ -877,6 +870,29 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     )
 
 
+def _auto_choice(candidates: list[dict[str, Any]], config: CompressConfig, device: str) -> tuple[dict[str, Any], str]:
+    """The candidate ``--quantize auto`` deploys, and why; marks each candidate's ``passes_guard``."""
+    # A quantized candidate must keep the pipeline within its limits against the parent, unless the
+    # float model it was converted from does not: then only its own AUC drop is held to the limit.
+    float_within = not next(c for c in candidates if c["precision"] == "float32")["over_pipeline_limits"]
+    for c in candidates:
+        c["passes_guard"] = c["precision"] == "float32" or (
+            c["val_auc_drop"] <= config.max_auc_drop and not (float_within and c["over_pipeline_limits"])
+        )
+    winner, tied = _fastest_then_smallest([c for c in candidates if c["passes_guard"]])
+    ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
+    refused = [_refusal(c, config) for c in candidates if not c["passes_guard"]]
+    choice = (
+        f"{winner['precision']} is the smallest of {', '.join(c['precision'] for c in tied)}, which the fastest "
+        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {device}"
+        if len(tied) > 1
+        else f"{winner['precision']} is the fastest on {device}"
+    )
+    refusals = f"; refused for accuracy: {', '.join(refused)}" if refused else ""
+    reason = f"{choice}, of the precisions that pass the accuracy guard (median latency: {ranked}){refusals}"
+    return winner, reason
+
+
 def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[TFLiteModel, dict[str, np.ndarray]]:
     """``current`` converted to ``precision`` as ``compress --quantize`` would keep it, and its scores."""
     from .quantize import convert
@@ -891,6 +907,19 @@ def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[TFLiteM
     else:  # every candidate stored like the float32 one
         model = convert(current.keras_model, precision, run.calibration_inputs(), sparse=current.float32.sparse)
     return model, _tflite_scores(model, run.data, run.activation)
+
+
+def _refusal(candidate: dict[str, Any], config: CompressConfig) -> str:
+    """Why ``--quantize auto`` did not deploy a candidate."""
+    if candidate["val_auc_drop"] > config.max_auc_drop:
+        return f"{candidate['precision']} (validation AUC {-candidate['val_auc_drop']:+.4f} against the float model)"
+    return f"{candidate['precision']} (the pipeline's {' and '.join(candidate['over_pipeline_limits'])} over its limit)"
+
+
+def _val_figures(run: _Run, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
+    """Validation AUC and sensitivity of ``scores``, the figures the pipeline's limits are on."""
+    figures = clinical.evaluate(run.data.y["val"], scores, threshold, resamples=10, seed=run.config.seed)
+    return {k: figures[k] for k in ("auc", "sensitivity")}
 
 
 def _latency_rounds(
