@@ -504,14 +504,6 @@ def compress_command(
             help="Distill on mixed pairs of images too (the teacher labels them), Beta(mixup, mixup) weights; 0: off."
         ),
     ] = 1.0,
-    teacher: Annotated[
-        list[Path] | None,
-        typer.Option(
-            help="With --distill: another trained bundle of the same task and preprocessing to teach with; the "
-            "student learns the average of its and BUNDLE's logits (repeat for more). BUNDLE stays the reference "
-            "the guard measures against."
-        ),
-    ] = None,
     prune: Annotated[bool, typer.Option("--prune", help="Magnitude-prune (tensorflow-model-optimization).")] = False,
     sparsity: Annotated[float, typer.Option(help="Target fraction of zero weights.")] = 0.5,
     structure: Annotated[
@@ -618,7 +610,6 @@ def compress_command(
             temperature=temperature,
             alpha=alpha,
             mixup=mixup,
-            teachers=tuple(str(t) for t in teacher or ()),
             prune=prune,
             sparsity=sparsity,
             structure=structure.value,

@@ -113,33 +113,6 @@ def test_distill_makes_a_small_student_that_keeps_the_parents_decisions(parent, 
     assert student["threshold"] == pytest.approx(_matching_threshold(*scores, parent_threshold))
 
 
-def test_distilling_from_several_teachers_learns_their_average_logits(parent, tiny_npz, tmp_path):
-    from edgedx._tf import keras
-    from edgedx.bundle import write_bundle
-    from edgedx.compress._pipeline import _ensemble
-
-    config = TrainConfig(arch="resnet-small", width=0.5, epochs=2, batch_size=16, seed=1)
-    other = train(load_dataset(tiny_npz), tmp_path / "other", config).bundle
-    teacher, second = (keras.models.load_model(b.model_path("keras"), compile=False) for b in (parent, other))
-    x = np.random.default_rng(0).normal(size=(4, *teacher.input_shape[1:])).astype(np.float32)
-    ensemble = _ensemble(teacher, parent, (str(other.path),))
-    np.testing.assert_allclose(ensemble(x), (teacher(x) + second(x)) / 2, rtol=1e-5, atol=1e-5)
-
-    settings = CompressConfig(distill=True, teachers=(str(other.path),), distill_epochs=1, quantize="none")
-    result = compress(parent.path, tmp_path / "student", settings)
-    assert read_bundle(result.bundle.path).manifest.compression.config["teachers"] == [str(other.path)]  # as stored
-    assert result.bundle.manifest.compression.parent.name == "parent"  # the guard's reference stays the parent
-
-    task = replace(other.manifest.task, class_names=("healthy", "ill"))
-    stranger = write_bundle(
-        tmp_path / "stranger", replace(other.manifest, task=task), models={"keras": other.model_path("keras")}
-    )
-    with pytest.raises(ConfigError, match="answers another task"):
-        _ensemble(teacher, parent, (str(stranger.path),))
-    with pytest.raises(ConfigError, match="use it with --distill"):
-        CompressConfig(teachers=(str(other.path),))
-
-
 def test_prune_reaches_sparsity_and_shrinks_gzip(parent, tmp_path):
     result = compress(
         parent.path, tmp_path / "p", CompressConfig(prune=True, sparsity=0.75, prune_epochs=3, quantize="dynamic")

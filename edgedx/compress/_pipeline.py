@@ -71,7 +71,6 @@ class CompressConfig:
     temperature: float = 4.0
     alpha: float = 0.3
     mixup: float = 1.0  # distillation on mixed pairs of images too, Beta(mixup, mixup) weights; 0: off
-    teachers: tuple[str, ...] = ()  # more bundles whose logits are averaged with the parent's to teach the student
     distill_epochs: int | None = None  # None: as many as the teacher trained for, twice that from scratch
     student_init: str = "teacher"  # teacher: the teacher's most active channels (inherit.py); scratch: random
     prune: bool = False
@@ -131,8 +130,6 @@ class CompressConfig:
                 "--target-kb searches student width and sparsity for an int8 file: use a positive size "
                 "with --distill --quantize int8 (pruning is chosen by the search)"
             )
-        if self.teachers and not self.distill:
-            raise ConfigError("--teacher adds to the models a student learns from: use it with --distill")
         if not (self.distill or self.prune or self.quantize != "none"):
             raise ConfigError("nothing to do: choose at least one of --distill, --prune, --quantize")
 
@@ -320,8 +317,7 @@ class _Run:
 
     config: CompressConfig
     parent: Bundle
-    teacher: Any  # the parent's Keras model
-    teaching: Any  # what students learn from: the teacher, or its logits averaged with config.teachers'
+    teacher: Any
     data: PreparedData
     augmentation: Augmentation
     train_config: TrainConfig
@@ -338,9 +334,9 @@ class _Run:
 
     @functools.cached_property
     def mirrored_teacher(self):
-        """What students train against (``teaching``), its variables mirrored on every worker of a
-        cluster (itself on one machine). Scores, the guard and channel ranking use ``teacher``."""
-        return distributed.mirrored_copy(self.strategy, self.teaching)
+        """The teacher as students train against it: its variables mirrored on every worker of a
+        cluster (``teacher`` itself on one machine). Scores and channel ranking use ``teacher``."""
+        return distributed.mirrored_copy(self.strategy, self.teacher)
 
     @functools.cached_property
     def parent_decisions(self) -> np.ndarray:
@@ -462,7 +458,6 @@ def compress(
         config=config,
         parent=parent_bundle,
         teacher=teacher,
-        teaching=_ensemble(teacher, parent_bundle, config.teachers),
         data=prepared,
         augmentation=dataset.augmentation,
         train_config=TrainConfig(**{**recipe, "windows": tuple(recipe["windows"])}),
@@ -521,37 +516,6 @@ def compress(
         )
     finally:
         distributed.barrier(strategy)  # the other workers may exit now, refused or written
-
-
-def _ensemble(teacher, parent: Bundle, others: tuple[str, ...]):
-    """``teacher`` alone, or a model averaging its logits with those of the bundles ``others``.
-
-    Every other teacher has to read the parent's inputs (the same preprocessing) and answer the
-    same task; the students then learn the average of their logits, which usually ranks cases
-    better than any one of them (an ensemble teacher; Hinton et al. 2015).
-    """
-    from .._tf import keras
-
-    if not others:
-        return teacher
-    models = [teacher]
-    for path in others:
-        bundle = read_bundle(path)
-        other = bundle.manifest
-        if "keras" not in other.models:
-            raise ConfigError(f"--teacher {path}: a teacher needs the float Keras model of a trained bundle")
-        if other.preprocess != parent.manifest.preprocess or other.task != parent.manifest.task:
-            raise ConfigError(
-                f"--teacher {path} reads other inputs or answers another task than {parent.name}: every "
-                "teacher needs the parent's preprocessing, classes and output"
-            )
-        model = keras.models.load_model(bundle.model_path("keras"), compile=False)
-        model.trainable = False
-        models.append(model)
-    # each under a name of its own: a model may not hold two layers of one name
-    models = [keras.Model(m.inputs, m.outputs, name=f"teacher-{i}") for i, m in enumerate(models)]
-    inputs = keras.Input(shape=teacher.input_shape[1:])
-    return keras.Model(inputs, keras.layers.Average()([m(inputs) for m in models]), name="ensemble")
 
 
 @dataclass(frozen=True)
