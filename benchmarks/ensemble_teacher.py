@@ -1,16 +1,16 @@
-"""Is an ensemble of teachers worth distilling from? Each bundle's AUC next to their averaged logits'.
+"""Would an ensemble of teachers teach better? Each bundle's AUC next to their averaged logits'.
 
-``edgedx compress PARENT --distill --teacher B2 --teacher B3`` teaches the student the mean of the
-three bundles' logits. Before paying for that distillation, this measures what the mean itself
-scores, on the parent's validation and test splits:
+Distilling from several teachers (the mean of their logits) costs a forward pass of each per
+step. This measures first what that mean itself scores, on the first bundle's validation and test
+splits (stop 23 tried it on PneumoniaMNIST; `benchmarks/README.md`):
 
     edgedx train --data ../shared/data/pneumoniamnist.npz --out work/pn-t1 --seed 1
     python benchmarks/ensemble_teacher.py work/pn-t0 work/pn-t1 work/pn-t2 --out benchmarks/results/x.json
 
-Every bundle is read with the first one's data and preprocessing (what ``--teacher`` requires).
-Figures per model: validation and test AUC with 95% bootstrap intervals, and test accuracy,
-sensitivity and specificity at the threshold chosen on validation (Youden's J), on uncalibrated
-probabilities (calibration does not change AUC, and each model here is thresholded on its own).
+Every bundle is read with the first one's data and preprocessing. Figures per model: validation
+and test AUC with 95% bootstrap intervals, and test accuracy, sensitivity and specificity at the
+threshold chosen on validation (Youden's J), on uncalibrated probabilities (calibration does not
+change AUC, and each model here is thresholded on its own).
 """
 
 from __future__ import annotations
