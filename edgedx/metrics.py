@@ -125,6 +125,18 @@ def choose_threshold(
     raise ConfigError(f"unknown threshold policy {policy!r}; choose youden or sensitivity")
 
 
+def proportion_ci(count: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``count / n`` (decision flips, say), cases taken as
+    independent; (nan, nan) for no cases. Slices of one patient are not independent, so the
+    interval is narrower than one resampling patients would give."""
+    from scipy.stats import binomtest
+
+    if n == 0:
+        return float("nan"), float("nan")
+    interval = binomtest(count, n).proportion_ci(confidence_level=level, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
 def _ratio(num: float, den: float) -> float:
     return float(num / den) if den else float("nan")
 

@@ -49,6 +49,8 @@ def test_bench_measures_every_model_and_writes_the_report(bundles, tmp_path):
     n_test = len(recorded_dataset(read_bundle(bundles[0]).manifest.data).splits["test"])
     for row in result.rows:
         assert row["clinical"]["n"] == n_test and 0.0 <= row["clinical"]["auc"] <= 1.0
+        lo, hi = row["clinical"]["flips_ci95"]
+        assert 0.0 <= lo <= row["clinical"]["flips"] <= hi <= 1.0 and hi > 0  # no flips still leaves doubt
         assert len(row["latency_ms"]) == 15 and row["device"]["p50_ms"] <= row["device"]["p99_ms"]
         assert row["device"]["peak_rss_mb"] > 0 and row["device"]["cold_start_seconds"] > 0
         # TFLite models were measured in a process without TensorFlow; Keras needs it

@@ -47,6 +47,21 @@ def test_multiclass_macro():
     assert "threshold" not in m
 
 
+def test_proportion_ci_is_wilsons():
+    from edgedx.metrics import proportion_ci
+
+    def wilson(k, n, z=1.959964):  # the closed form
+        p = k / n
+        centre, half = p + z**2 / (2 * n), z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2))
+        return (centre - half) / (1 + z**2 / n), (centre + half) / (1 + z**2 / n)
+
+    for k, n in ((7, 90), (28, 360), (0, 360)):
+        assert proportion_ci(k, n) == pytest.approx(wilson(k, n), abs=1e-6)
+    lo, hi = proportion_ci(0, 360)  # no flips among 360 cases: still up to about 1%
+    assert lo == pytest.approx(0.0, abs=1e-12) and 0.010 < hi < 0.011
+    assert all(np.isnan(proportion_ci(0, 0)))
+
+
 def test_chance_auc_bound():
     """0.5 + 3 null standard errors, from the rarest class; random scores stay below it."""
     from edgedx.metrics import auc, chance_auc_bound

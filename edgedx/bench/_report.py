@@ -74,7 +74,8 @@ def summarize(
         figures = clinical.evaluate(
             labels, scores, item["threshold"], resamples=resamples, label_names=item.get("class_names")
         )
-        flips = float(np.mean(decisions(scores, item["threshold"]) != reference_decisions))
+        flipped = decisions(scores, item["threshold"]) != reference_decisions
+        flips = float(np.mean(flipped))
         latency = summarize_latency(probe["latency_ms"])
         row = {
             "bundle": item["bundle"],
@@ -84,7 +85,8 @@ def summarize(
             "clinical": {
                 k: figures[k] for k in ("n", "auc", "auc_ci95", "sensitivity", "specificity", "accuracy", "ece")
             }
-            | {"flips": flips, "threshold": item["threshold"], "guard_flag_rate": item.get("guard_flag_rate")}
+            | {"flips": flips, "flips_ci95": list(clinical.proportion_ci(int(flipped.sum()), flipped.size))}
+            | {"threshold": item["threshold"], "guard_flag_rate": item.get("guard_flag_rate")}
             | _per_label(figures),
             "device": {
                 **latency,
@@ -188,18 +190,20 @@ def write_report(result: BenchResult, out: Path) -> BenchResult:
         f"{result.device.memory_limit_mb or 'none'} MB. Budgets: "
         + (", ".join(f"{k} {v:g}" for k, v in result.device.budgets.items()) or "none"),
         "",
-        "| model | precision | AUC (95% CI) | sens | spec | flips | ECE | flagged | p50 ms | p95 ms | p99 ms | "
-        "img/s | RSS MB | cold start s | KB | GMAC/s |",
+        "| model | precision | AUC (95% CI) | sens | spec | flips (95% CI) | ECE | flagged | p50 ms | p95 ms | "
+        "p99 ms | img/s | RSS MB | cold start s | KB | GMAC/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result.rows:
         c, d = r["clinical"], r["device"]
         lo, hi = c["auc_ci95"]
+        flips_lo, flips_hi = c["flips_ci95"]
         gmac = f"{d['gmac_per_s']:.2f}" if d["gmac_per_s"] else "-"
         cold = f"{d['cold_start_seconds']:.2f}" if d["cold_start_seconds"] is not None else "-"
         lines.append(
             f"| {r['bundle']}{' (deploy)' if r['deploy'] else ''} | {r['precision']} | {c['auc']:.4f} "
-            f"({lo:.3f}-{hi:.3f}) | {c['sensitivity']:.3f} | {c['specificity']:.3f} | {c['flips']:.3f} | "
+            f"({lo:.3f}-{hi:.3f}) | {c['sensitivity']:.3f} | {c['specificity']:.3f} | {c['flips']:.3f} "
+            f"({flips_lo:.3f}-{flips_hi:.3f}) | "
             f"{_maybe(c.get('ece'), '.3f')} | {_maybe(c.get('guard_flag_rate'), '.1%')} | "
             f"{d['p50_ms']:.2f} | {d['p95_ms']:.2f} | {d['p99_ms']:.2f} | {d['throughput_per_s']:.0f} | "
             f"{d['peak_rss_mb']:.0f} | {cold} | {d['bytes'] / 1024:.0f} | {gmac} |"
