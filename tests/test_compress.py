@@ -552,7 +552,6 @@ def test_auto_precision_times_the_candidates_in_turns(monkeypatch, tmp_path):
     """Every round times every candidate once, each round starting one candidate later."""
     from edgedx.compress import _pipeline
     from edgedx.devices import load_profile
-    from edgedx.runtime import probe
 
     calls = []
     latency = {"tflite-float32": 3.0, "tflite-dynamic": 1.0, "tflite-int8": 1.1}
@@ -561,7 +560,7 @@ def test_auto_precision_times_the_candidates_in_turns(monkeypatch, tmp_path):
         calls.append(role)
         return {"latency_ms": [latency[role] + 0.01 * len(calls)] * runs, "peak_rss_mb": 50.0 + len(calls)}
 
-    monkeypatch.setattr(probe, "run_probe", fake_probe)
+    monkeypatch.setattr(_pipeline, "run_probe", fake_probe)
     bundles = {name: tmp_path / name for name in ("float32", "dynamic", "int8")}
     timings = _pipeline._latency_rounds(bundles, tmp_path / "x.npy", load_profile("host"), runs=5, rounds=3)
     order = ["float32", "dynamic", "int8", "dynamic", "int8", "float32", "int8", "float32", "dynamic"]

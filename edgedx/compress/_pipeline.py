@@ -33,6 +33,7 @@ from ..devices import DeviceProfile, load_profile
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
+from ..runtime.probe import LATENCY_SAMPLE, run_probe, summarize_latency
 from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
 from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
 from .quantize import TFLiteModel
@@ -366,7 +367,9 @@ class _Run:
     def scores(self, model) -> dict[str, np.ndarray]:
         return {s: predict_scores(model, self.data.x[s], self.activation) for s in ("val", "test")}
 
+    @functools.cached_property
     def calibration_inputs(self) -> np.ndarray:
+        """The training inputs every quantization of this run calibrates on (drawn once)."""
         from .quantize import representative_samples
 
         return representative_samples(self.data.x["train"], self.config.calibration_samples, self.config.seed)
@@ -541,7 +544,7 @@ def _search_under_budget(run: _Run, parent: _Stage) -> tuple[list[_Stage], _Sear
         arch,
         len(run.parent.class_names),
         budget_bytes=budget,
-        calibration=run.calibration_inputs(),
+        calibration=run.calibration_inputs,
     )
     if not sized:
         raise CompressionRefused(
@@ -695,7 +698,7 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
 
     began, config = time.perf_counter(), run.config
     float_model, sparse = current.keras_model, _pruned(current.arch)
-    calibration = run.calibration_inputs()
+    calibration = run.calibration_inputs
     reference_auc = clinical.auc(run.data.y["val"], current.scores["val"])
 
     def converted(model) -> tuple[TFLiteModel, dict[str, np.ndarray], float]:
@@ -837,7 +840,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
             threshold = _matching_threshold(scores["val"], current.scores["val"], current.threshold)
             val = _val_figures(run, scores["val"], threshold)
             bundles[precision] = _candidate_bundle(Path(tmp), model, run.parent.manifest, current.threshold)
-            models[precision] = (model, scores)
+            models[precision] = (model, scores, threshold)
             candidates.append(
                 {
                     "precision": precision,
@@ -848,20 +851,20 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
                     "over_pipeline_limits": _over_limits(parent_val, val, config),
                 }
             )
-        inputs = Path(tmp) / "val.npy"
-        np.save(inputs, prepared.x["val"][:256])
+        inputs = Path(tmp) / "val.npy"  # the probe times its first LATENCY_SAMPLE inputs; auto needs no more
+        np.save(inputs, prepared.x["val"][:LATENCY_SAMPLE])
         timings = _latency_rounds(bundles, inputs, profile, runs=config.auto_runs, rounds=config.auto_rounds)
     for candidate in candidates:
         candidate |= timings[candidate["precision"]]
     winner, reason = _auto_choice(candidates, config, profile.name)
     record = {"device": profile.to_dict(), "runs": config.auto_runs, "rounds": config.auto_rounds}
     record |= {"candidates": candidates, "winner": winner["precision"], "reason": reason}
-    model, scores = models[winner["precision"]]
+    model, scores, threshold = models[winner["precision"]]
     return run.stage(
         f"quantize-auto:{model.precision}",
         began,
         keras_model=current.keras_model,
-        threshold=_matching_threshold(scores["val"], current.scores["val"], current.threshold),
+        threshold=threshold,
         scores=scores,
         arch=current.arch,
         tflite=model,
@@ -899,13 +902,13 @@ def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[TFLiteM
 
     if precision == "int8":  # with the float-op retries of --quantize int8
         chosen, _ = _post_training_int8(
-            current.keras_model, run.calibration_inputs(), current, run.data, run.activation, run.config
+            current.keras_model, run.calibration_inputs, current, run.data, run.activation, run.config
         )
         return chosen.model, chosen.scores
     if precision == "float32":
         model = current.float32
     else:  # every candidate stored like the float32 one
-        model = convert(current.keras_model, precision, run.calibration_inputs(), sparse=current.float32.sparse)
+        model = convert(current.keras_model, precision, run.calibration_inputs, sparse=current.float32.sparse)
     return model, _tflite_scores(model, run.data, run.activation)
 
 
@@ -918,7 +921,7 @@ def _refusal(candidate: dict[str, Any], config: CompressConfig) -> str:
 
 def _val_figures(run: _Run, scores: np.ndarray, threshold: float | None) -> dict[str, float]:
     """Validation AUC and sensitivity of ``scores``, the figures the pipeline's limits are on."""
-    figures = clinical.evaluate(run.data.y["val"], scores, threshold, resamples=10, seed=run.config.seed)
+    figures = clinical.evaluate(run.data.y["val"], scores, threshold, resamples=0)  # no interval needed
     return {k: figures[k] for k in ("auc", "sensitivity")}
 
 
@@ -931,8 +934,6 @@ def _latency_rounds(
     drift of the machine's speed then falls on every candidate, not on one. Per candidate: the
     latency summary over all rounds, the median of each round, and the peak RSS.
     """
-    from ..runtime.probe import run_probe, summarize_latency
-
     names = list(bundles)
     latencies: dict[str, list[float]] = {name: [] for name in names}
     round_p50: dict[str, list[float]] = {name: [] for name in names}
