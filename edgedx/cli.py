@@ -30,9 +30,13 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,  # locals may hold patient data
     add_completion=False,
+    # Plain help: rich's option tables cut long option names ("--max-sensitiv…") at 80 columns.
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(
-    help="Make and inspect datasets (synthetic head CT, DICOM folders, MedMNIST, image folders).", no_args_is_help=True
+    help="Make and inspect datasets (synthetic head CT, DICOM folders, MedMNIST, image folders).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(data_app, name="data")
 console = Console()
@@ -163,7 +167,7 @@ def main_options(
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Argument(help="Folder to write the DICOM studies and labels.csv into.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the DICOM studies and labels.csv into.")],
     studies: Annotated[int, typer.Option(help="Number of studies (one fake patient each).")] = 300,
     slices: Annotated[int, typer.Option(help="Axial slices per study.")] = 6,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
@@ -197,7 +201,9 @@ def data_synth(
 
 @data_app.command("info")
 def data_info(
-    path: Annotated[Path, typer.Argument(help="A DICOM folder with labels.csv, a MedMNIST .npz or an image folder.")],
+    path: Annotated[
+        Path, typer.Argument(metavar="PATH", help="A DICOM folder with labels.csv, a MedMNIST .npz or an image folder.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Read a dataset and show its classes and split sizes."""
@@ -372,7 +378,7 @@ def train_command(
 
 @app.command("info")
 def info_command(
-    bundle: Annotated[Path, typer.Argument(help="A model bundle folder.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A model bundle folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
 ) -> None:
     """Show a bundle's manifest: model, preprocessing, threshold, data and metrics; checks checksums."""
@@ -485,7 +491,7 @@ def _search_table(search: dict[str, Any]) -> Table:
 
 @app.command("compress")
 def compress_command(
-    bundle: Annotated[Path, typer.Argument(help="A bundle written by `edgedx train`.")],
+    bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A bundle written by `edgedx train`.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (must not exist).")],
     distill: Annotated[bool, typer.Option("--distill", help="Distill into a smaller student first.")] = False,
     student: Annotated[str | None, typer.Option(help="Student architecture (default: the teacher's).")] = None,
@@ -709,7 +715,10 @@ def _bench_table(result: Any) -> Table:
 def bench_command(
     bundles: Annotated[
         list[Path] | None,
-        typer.Argument(help="Bundles to measure: the float parent first (the reference for flips), then compressed."),
+        typer.Argument(
+            metavar="BUNDLE",
+            help="Bundles to measure: the float parent first (the reference for flips), then compressed.",
+        ),
     ] = None,
     device: Annotated[str, typer.Option(help="Device profile: a name in devices/ or a .toml path.")] = "host",
     data: Annotated[
