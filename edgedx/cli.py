@@ -38,7 +38,7 @@ data_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-app.add_typer(data_app, name="data")
+app.add_typer(data_app, name="data", short_help="Make or read datasets: synthetic head CT, DICOM, MedMNIST, images.")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -165,7 +165,7 @@ def main_options(
         os.environ["EDGEDX_TF_LOGS"] = "1"  # read by edgedx._tf, before TensorFlow is imported
 
 
-@data_app.command("synth")
+@data_app.command("synth", short_help="Write synthetic head-CT DICOM studies (no download).")
 def data_synth(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write the DICOM studies and labels.csv into.")],
     studies: Annotated[int, typer.Option(help="Number of studies (one fake patient each).")] = 300,
@@ -224,7 +224,7 @@ def data_info(
     _print_table(table)
 
 
-@app.command("models")
+@app.command("models", short_help="List the architectures, with parameters and MACs.")
 def models_list(
     input_size: Annotated[int, typer.Option(help="Input side in pixels for the MAC count.")] = 64,
     channels: Annotated[int, typer.Option(help="Input channels (3 for brain,subdural,bone windows).")] = 3,
@@ -250,7 +250,7 @@ def models_list(
     _print_table(table)
 
 
-@app.command("train")
+@app.command("train", short_help="Train a float CNN and write a model bundle.")
 def train_command(
     out: Annotated[Path, typer.Option(help="Bundle folder to write (must not exist).")],
     data: Annotated[
@@ -376,7 +376,7 @@ def train_command(
     )
 
 
-@app.command("info")
+@app.command("info", short_help="Show a bundle's manifest and check its files.")
 def info_command(
     bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A model bundle folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
@@ -489,7 +489,7 @@ def _search_table(search: dict[str, Any]) -> Table:
     return table
 
 
-@app.command("compress")
+@app.command("compress", short_help="Distill, prune and quantize a bundle; report each cost.")
 def compress_command(
     bundle: Annotated[Path, typer.Argument(metavar="BUNDLE", help="A bundle written by `edgedx train`.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (must not exist).")],
@@ -711,7 +711,7 @@ def _bench_table(result: Any) -> Table:
     return table
 
 
-@app.command("bench")
+@app.command("bench", short_help="Measure float vs compressed against a device profile.")
 def bench_command(
     bundles: Annotated[
         list[Path] | None,
@@ -806,7 +806,7 @@ def _tls_files(cert: Path | None, key: Path | None, client_ca: Path | None):
     return TlsFiles(cert=cert, key=key, client_ca=client_ca)
 
 
-@app.command("serve")
+@app.command("serve", short_help="Run the on-device inference daemon (DICOM in, results out).")
 def serve_command(
     out: Annotated[Path, typer.Option(help="Folder for results, structured reports and the quarantine.")],
     inbox: Annotated[

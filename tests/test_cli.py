@@ -16,11 +16,16 @@ from edgedx.cli import app
 runner = CliRunner()
 
 
-def test_help_lists_commands():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for command in ("data", "train", "models", "info", "compress", "bench", "serve"):
-        assert command in result.output
+def test_help_lists_commands_in_lines_that_end_whole_at_80_columns():
+    for group, commands in (
+        ([], ("data", "train", "models", "info", "compress", "bench", "serve")),
+        (["data"], ("synth", "info")),
+    ):
+        result = runner.invoke(app, [*group, "--help"], env={"COLUMNS": "80"})
+        assert result.exit_code == 0
+        listing = result.output.split("Commands:")[1]
+        assert "..." not in listing, group  # click cuts a description that does not fit
+        assert sorted(line.split()[0] for line in listing.strip().splitlines()) == sorted(commands)
 
 
 def test_train_help_explains_defaults():
