@@ -10,7 +10,7 @@ mix mean roughly equal time). Each engine runs one-image inference ``5`` and ``5
 at one thread; the difference over ``runs`` is the count per inference. Native wall time on this
 machine is given beside it (interleaved rounds, medians) with the CPU's flags.
 
-    pip install tf2onnx onnxruntime   # the ONNX rows only; not edgedx dependencies
+    pip install tf2onnx onnxruntime sympy   # the ONNX rows only (sympy: ONNX int8 prep); not edgedx dependencies
     python benchmarks/avx2_instructions.py BUNDLE [--runs 40]
 """
 
