@@ -839,14 +839,14 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
             model, scores = _auto_candidate(run, current, precision)
             threshold = _matching_threshold(scores["val"], current.scores["val"], current.threshold)
             val = _val_figures(run, scores["val"], threshold)
-            bundles[precision] = _candidate_bundle(Path(tmp), model, run.parent.manifest, current.threshold)
+            bundles[precision] = _candidate_bundle(Path(tmp), model, run.parent.manifest, threshold)
             models[precision] = (model, scores, threshold)
             candidates.append(
                 {
                     "precision": precision,
                     "bytes": len(model.content),
                     **({"float_ops": list(model.float_ops)} if model.float_ops else {}),
-                    "val_auc_drop": reference_auc - clinical.auc(prepared.y["val"], scores["val"]),
+                    "val_auc_drop": reference_auc - val["auc"],
                     "pipeline_val_drop": {k: round(parent_val[k] - val[k], 6) for k in val},
                     "over_pipeline_limits": _over_limits(parent_val, val, config),
                 }
