@@ -34,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 data_app = typer.Typer(
-    help="Make and inspect datasets (synthetic head CT, DICOM folders, MedMNIST, image folders).",
+    help="Make or read datasets (synthetic head CT, DICOM folders, MedMNIST, image folders).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
