@@ -10,7 +10,7 @@ mix mean roughly equal time). Each engine runs one-image inference ``5`` and ``5
 at one thread; the difference over ``runs`` is the count per inference. Native wall time on this
 machine is given beside it (interleaved rounds, medians) with the CPU's flags.
 
-    pip install tf2onnx onnxruntime sympy   # the ONNX rows only (sympy: ONNX int8 prep); not edgedx dependencies
+    pip install sympy   # ONNX Runtime's int8 preparation; tf2onnx and onnxruntime come with edgedx[train]
     python benchmarks/avx2_instructions.py BUNDLE [--runs 40]
 """
 
@@ -141,6 +141,13 @@ def main() -> None:
             engines[f"LiteRT {precision}"] = ("litert", path)
         for name, path in onnx_models(keras_model, calibration, tmp).items():
             engines[name.replace("onnxruntime", "ONNX Runtime")] = ("onnxruntime", path)
+        # what compress deploys as onnx-float32 (any batch), beside peers' batch-1 export above
+        if "onnx-float32" in bundle.manifest.models:
+            exported = bundle.model_path("onnx-float32")
+        else:
+            exported = tmp / "edgedx-onnx-float32.onnx"
+            exported.write_bytes(convert(keras_model, "onnx-float32").content)
+        engines["ONNX Runtime float32 (edgedx's export)"] = ("onnxruntime", exported)
         native = _native_ms(engines, image)
         rows = []
         for name, (kind, path) in engines.items():

@@ -1,11 +1,12 @@
 """edgedx's runtime against its peers, in one run, on the same weights and the same inputs.
 
 For a compressed bundle (it holds the float Keras model, its float32 TFLite conversion and the
-deployed int8 model, all the same network) this times one-image inference, preprocessed input ->
+deployed model, all the same network) this times one-image inference, preprocessed input ->
 probabilities, through:
 
 - Keras ``model.predict(x)`` and a direct Keras call ``model(x, training=False)``;
-- edgedx's runtime (``Model.predict_inputs``) on the float32 and int8 TFLite models;
+- edgedx's runtime (``Model.predict_inputs``) on the deployed model (whatever its engine and
+  precision) and on the float32 and int8 TFLite models where the bundle has them;
 - a bare LiteRT interpreter (``set_tensor``, ``invoke()``, ``get_tensor``; int8 input quantized
   beforehand, no dequantization, no sigmoid): the floor the runtime's overhead is measured against;
   and the same with the float input quantized per call by a numpy one-liner, as any caller
@@ -19,7 +20,7 @@ table gives medians over all rounds. It then starts fresh processes to record co
 start -> first prediction) and peak RSS of the runtime-only process against TensorFlow processes
 doing the same job (the same int8 model in ``tf.lite.Interpreter``, and the Keras float model).
 
-    pip install tf2onnx onnxruntime sympy   # peers only; not edgedx dependencies
+    pip install sympy   # ONNX Runtime's int8 preparation; tf2onnx and onnxruntime come with edgedx[train]
     python benchmarks/peers.py BUNDLE [--threads 2] [--runs 2000]
 """
 
@@ -111,7 +112,7 @@ def _onnx_sessions(keras_model, calibration: np.ndarray, threads: int, tmp: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle", type=Path, help="a compressed bundle with keras, tflite-float32 and tflite-int8")
+    parser.add_argument("bundle", type=Path, help="a compressed bundle (keras, tflite-float32, the deployed model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2000, help="timed calls per engine, over all rounds")
     parser.add_argument("--rounds", type=int, default=10)
@@ -137,10 +138,13 @@ def main() -> None:
     )
 
     keras_model = keras.models.load_model(bundle.model_path("keras"), compile=False)
-    runtime = {p: Model.load(bundle, role=f"tflite-{p}", threads=args.threads) for p in ("float32", "int8")}
+    precisions = [p for p in ("float32", "int8") if f"tflite-{p}" in bundle.manifest.models]
+    runtime = {p: Model.load(bundle, role=f"tflite-{p}", threads=args.threads) for p in precisions}
+    deployed = Model.load(bundle, threads=args.threads)
+    deployed_name = f"edgedx runtime deployed ({deployed.role})"
     backend = load_backend()
     bare = {}
-    for p in ("float32", "int8"):
+    for p in precisions:
         interpreter = backend.create(str(bundle.model_path(f"tflite-{p}")), args.threads)
         inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
         if p == "int8":
@@ -167,11 +171,10 @@ def main() -> None:
         engines = {
             "keras predict": (lambda xi: keras_model.predict(xi, verbose=0), x),
             "keras call": (lambda xi: keras_model(xi, training=False).numpy(), x),
-            "edgedx runtime float32": (runtime["float32"].predict_inputs, x),
-            "edgedx runtime int8": (runtime["int8"].predict_inputs, x),
-            "bare LiteRT invoke float32": bare["float32"],
-            "bare LiteRT invoke int8": bare["int8"],
-            "bare LiteRT quantize + invoke int8": bare["int8 from float input"],
+            deployed_name: (deployed.predict_inputs, x),
+            **{f"edgedx runtime {p}": (model.predict_inputs, x) for p, model in runtime.items()},
+            **{f"bare LiteRT invoke {p}": bare[p] for p in precisions},
+            **({"bare LiteRT quantize + invoke int8": bare["int8 from float input"]} if "int8" in bare else {}),
             **{name: ((lambda xi, s=s: s.run(None, {"input": xi})[0]), x) for name, s in sessions.items()},
         }
         # Agreement with Keras on the test inputs: the engines run the same network.
@@ -199,55 +202,56 @@ def main() -> None:
     for name, t in timings.items():
         ms = np.asarray(t) * 1000
         rows[name] = {"median_ms": float(np.median(ms)), "p95_ms": float(np.percentile(ms, 95)), "calls": len(ms)}
-    int8 = rows["edgedx runtime int8"]["median_ms"]
+    reference = rows[deployed_name]["median_ms"]
     for row in rows.values():
-        row["ratio_to_edgedx_int8"] = row["median_ms"] / int8
+        row["ratio_to_deployed"] = row["median_ms"] / reference
+    inference = {name: row for name, row in rows.items() if not name.startswith(("keras", "bare"))}
 
     # Cold start and peak RSS: fresh processes, each doing one model's job from nothing.
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "x.npy"
         np.save(inputs, x)
         common = {"bundle": bundle.path, "inputs": inputs, "threads": args.threads, "runs": 20, "warmup": 2}
-        runtime_int8 = run_probe("edgedx.runtime.probe", role="tflite-int8", **common)
-        keras_float = run_probe("edgedx.bench.keras_probe", role="keras", **common)
-        started = time.time()
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                TF_INT8_PROBE,
-                str(bundle.model_path("tflite-int8")),
-                str(inputs),
-                str(args.threads),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        tf_int8 = json.loads(done.stdout.strip().splitlines()[-1])
-        tf_int8["cold_start_seconds"] = tf_int8["first_prediction_unix"] - started
-    processes = {
-        "edgedx runtime int8 (no TensorFlow)": runtime_int8,
-        "tf.lite.Interpreter int8 in a TensorFlow process": tf_int8,
-        "Keras float in a TensorFlow process": keras_float,
-    }
+        runtime_deployed = run_probe("edgedx.runtime.probe", role=deployed.role, **common)
+        processes = {f"edgedx runtime {deployed.role} (no TensorFlow)": runtime_deployed}
+        if "int8" in runtime:
+            started = time.time()
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    TF_INT8_PROBE,
+                    str(bundle.model_path("tflite-int8")),
+                    str(inputs),
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            tf_int8 = json.loads(done.stdout.strip().splitlines()[-1])
+            tf_int8["cold_start_seconds"] = tf_int8["first_prediction_unix"] - started
+            processes["tf.lite.Interpreter int8 in a TensorFlow process"] = tf_int8
+        processes["Keras float in a TensorFlow process"] = run_probe("edgedx.bench.keras_probe", role="keras", **common)
     process_rows = {
         name: {
             "cold_start_seconds": p["cold_start_seconds"],
             "peak_rss_mb": p["peak_rss_mb"],
-            "cold_start_ratio_to_runtime": p["cold_start_seconds"] / runtime_int8["cold_start_seconds"],
-            "peak_rss_ratio_to_runtime": p["peak_rss_mb"] / runtime_int8["peak_rss_mb"],
+            "cold_start_ratio_to_runtime": p["cold_start_seconds"] / runtime_deployed["cold_start_seconds"],
+            "peak_rss_ratio_to_runtime": p["peak_rss_mb"] / runtime_deployed["peak_rss_mb"],
         }
         for name, p in processes.items()
     }
 
     overhead = {
         p: rows[f"edgedx runtime {p}"]["median_ms"] / rows[f"bare LiteRT invoke {p}"]["median_ms"] - 1
-        for p in ("float32", "int8")
+        for p in precisions
     }
-    overhead["int8 vs quantize + invoke"] = (
-        rows["edgedx runtime int8"]["median_ms"] / rows["bare LiteRT quantize + invoke int8"]["median_ms"] - 1
-    )
+    if "int8" in runtime:
+        overhead["int8 vs quantize + invoke"] = (
+            rows["edgedx runtime int8"]["median_ms"] / rows["bare LiteRT quantize + invoke int8"]["median_ms"] - 1
+        )
+    fastest = min(inference, key=lambda name: inference[name]["median_ms"])
     result = {
         "bundle": str(bundle.path),
         "arch": asdict(bundle.manifest.arch) if bundle.manifest.arch else None,
@@ -257,7 +261,9 @@ def main() -> None:
         "tensorflow": tf.__version__,
         "per_image": rows,
         "runtime_overhead_vs_bare_invoke": overhead,
-        "edgedx_int8_speedup_vs_onnxruntime_int8": rows["onnxruntime int8"]["median_ms"] / int8,
+        "deployed_role": deployed.role,
+        "edgedx_deployed_speedup_vs_onnxruntime_int8": rows["onnxruntime int8"]["median_ms"] / reference,
+        "fastest_inference_engine": fastest,
         "max_abs_probability_difference_vs_keras": agreement,
         "processes": process_rows,
     }
@@ -266,19 +272,17 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
 
     title = f"engine ({bundle.name}, {args.threads} threads)"
-    print(f"| {title} | median ms | p95 ms | x edgedx int8 | max abs diff vs Keras |")
+    print(f"| {title} | median ms | p95 ms | x deployed | max abs diff vs Keras |")
     print("|---|---|---|---|---|")
     for name, row in sorted(rows.items(), key=lambda kv: kv[1]["median_ms"]):
         diff = agreement.get(name)
         print(
-            f"| {name} | {row['median_ms']:.3f} | {row['p95_ms']:.3f} | {row['ratio_to_edgedx_int8']:.2f} | "
+            f"| {name} | {row['median_ms']:.3f} | {row['p95_ms']:.3f} | {row['ratio_to_deployed']:.2f} | "
             f"{'-' if diff is None else f'{diff:.4f}'} |"
         )
-    print(
-        f"\nruntime overhead vs bare invoke: float32 {overhead['float32']:+.1%}, int8 {overhead['int8']:+.1%} "
-        f"(int8 input quantized beforehand), {overhead['int8 vs quantize + invoke']:+.1%} (quantized per call)"
-    )
-    print(f"edgedx int8 is {result['edgedx_int8_speedup_vs_onnxruntime_int8']:.2f}x faster than ONNX Runtime int8\n")
+    print("\nruntime overhead vs bare invoke: " + ", ".join(f"{k} {v:+.1%}" for k, v in overhead.items()))
+    speedup = result["edgedx_deployed_speedup_vs_onnxruntime_int8"]
+    print(f"edgedx deployed ({deployed.role}) is {speedup:.2f}x faster than ONNX Runtime int8; fastest: {fastest}\n")
     print("| process | cold start s | peak RSS MB | cold start x runtime | RSS x runtime |")
     print("|---|---|---|---|---|")
     for name, p in process_rows.items():

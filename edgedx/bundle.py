@@ -56,7 +56,8 @@ class InputRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class TensorRecord:
-    """A TFLite model's input or output tensor: type, quantization and shape."""
+    """A deployable model's input or output tensor: type, quantization and shape (an ONNX model's
+    batch is free; its records say 1, as TFLite's do)."""
 
     dtype: str
     scale: float = 0.0  # 0: not quantized
@@ -73,7 +74,7 @@ class ModelRecord:
     bytes: int = 0
     threshold: Threshold = None  # on this model's calibrated probabilities (None: the manifest's)
     calibration: Calibration = field(default_factory=Calibration)
-    input: TensorRecord | None = None  # TFLite models only
+    input: TensorRecord | None = None  # deployable (TFLite, ONNX) models only
     output: TensorRecord | None = None
     sparse_encoding: bool = False  # pruned weights stored sparse in the file
     float_ops: tuple[str, ...] = ()  # ops an int8 model keeps in float

@@ -542,7 +542,10 @@ def compress_command(
     ] = StudentInit.teacher,
     quantize: Annotated[
         Quantization,
-        typer.Option(help="TFLite precision to deploy; auto: the fastest on --device that passes the guard."),
+        typer.Option(
+            help="Format to deploy: a TFLite precision, or onnx-float32 (ONNX Runtime); auto: the fastest on "
+            "--device that passes the guard, of the engines the device profile lists."
+        ),
     ] = Quantization.int8,
     device: Annotated[
         str | None, typer.Option(help="Device profile that --quantize auto measures the candidates on.")
@@ -746,7 +749,7 @@ def bench_command(
     """Measure float vs compressed models: clinical figures and device figures against a profile's budgets.
 
     Each model runs in a process of its own, limited as the device profile says (threads, CPUs,
-    memory); TFLite models run on the TensorFlow-free runtime. Exits 1 when a deployed model
+    memory); TFLite and ONNX models run on the TensorFlow-free runtime. Exits 1 when a deployed model
     misses a budget, naming it. --export-kit writes a folder to carry to an air-gapped box
     (run `python run_kit.py` there); --import folds its results.json into the same report.
     """

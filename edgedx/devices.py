@@ -6,6 +6,7 @@ A profile is a TOML file named after the device (``devices/console-2core.toml``)
     threads = 2               # interpreter threads
     cpu_affinity = [0, 1]     # CPUs the measuring process may use; [] for any
     memory_limit_mb = 1024    # address-space cap of the measuring process; 0 for none
+    engines = ["tflite", "onnx"]  # runtimes installed there (default ["tflite"]: the base install)
 
     [budgets]                 # every budget is optional
     latency_p95_ms = 30.0
@@ -33,6 +34,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from .errors import ConfigError
+from .precision import ENGINES  # LiteRT ("tflite", the base install), ONNX Runtime ("onnx", edgedx[onnx])
 
 #: Budget name -> (unit shown to users, True when the measured value must stay at or below it).
 BUDGETS: dict[str, tuple[str, bool]] = {
@@ -42,7 +44,7 @@ BUDGETS: dict[str, tuple[str, bool]] = {
     "min_auc": ("", False),
     "max_flips": ("", True),
 }
-_FIELDS = {"description", "threads", "cpu_affinity", "memory_limit_mb", "budgets"}
+_FIELDS = {"description", "threads", "cpu_affinity", "memory_limit_mb", "engines", "budgets"}
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,10 @@ class DeviceProfile:
     memory_limit_mb: int = 0
     budgets: dict[str, float] = field(default_factory=dict)
     path: str | None = None
+    engines: tuple[str, ...] = ("tflite",)  # what `compress --quantize auto` may deploy for this device
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"cpu_affinity": list(self.cpu_affinity)}
+        return asdict(self) | {"cpu_affinity": list(self.cpu_affinity), "engines": list(self.engines)}
 
     def check(self, measured: dict[str, float | None]) -> list[str]:
         """Budgets missed by ``measured`` (budget name -> value), as one sentence each."""
@@ -102,6 +105,9 @@ def parse_profile(name: str, data: dict[str, Any], source: str = "<profile>") ->
     memory = data.get("memory_limit_mb", 0)
     if not isinstance(memory, int) or memory < 0:
         raise ConfigError(f"{source}: memory_limit_mb must be a whole number of MB (0: no limit), got {memory!r}")
+    engines = data.get("engines", ["tflite"])
+    if not isinstance(engines, list) or not engines or not all(e in ENGINES for e in engines):
+        raise ConfigError(f"{source}: engines must be a non-empty list of {', '.join(ENGINES)}, got {engines!r}")
     budgets = data.get("budgets", {})
     if not isinstance(budgets, dict):
         raise ConfigError(f"{source}: [budgets] must be a table")
@@ -118,6 +124,7 @@ def parse_profile(name: str, data: dict[str, Any], source: str = "<profile>") ->
         memory_limit_mb=memory,
         budgets={k: float(v) for k, v in budgets.items()},
         path=source,
+        engines=tuple(dict.fromkeys(engines)),
     )
 
 

@@ -1,13 +1,20 @@
-"""The precisions a compressed model can deploy in: one registry for compress, the runtime and bench.
+"""The formats a compressed model can deploy in: one registry for compress, the runtime and bench.
 
-A precision's ``name`` is what ``--quantize`` takes and a manifest's step report says; its ``role``
-is the key of its model in a bundle; its ``label`` is how reports name it. TF-free.
+A deployable format is a precision on an engine: LiteRT (TFLite) in float32, float16, dynamic-range
+int8 or full int8, or ONNX Runtime in float32. Its ``name`` is what ``--quantize`` takes and a
+manifest's step report says; its ``role`` is the key of its model in a bundle; its ``label`` is how
+reports name it. Which is fastest depends on the CPU: on AVX2 without AVX-512, ONNX Runtime's
+float32 ran the head-CT student in 0.81x LiteRT float32's instructions; on a VNNI CPU LiteRT's
+dynamic-range int8 ran it 2.9x faster than either float32 (benchmarks/README.md). TF-free.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+#: Engine -> (the file suffix of its models, how reports name it).
+ENGINES: dict[str, tuple[str, str]] = {"tflite": (".tflite", "LiteRT"), "onnx": (".onnx", "ONNX Runtime")}
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,16 @@ class Precision:
     # whether a pruned model can be stored in TFLite's sparse tensor encoding: LiteRT's XNNPACK
     # delegate fails to prepare dynamic-range convolutions stored that way ("failed to delegate CONV_2D")
     sparse_encoding: bool = True
+    engine: str = "tflite"  # a key of ENGINES: the runtime that runs this format
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of a model in this format."""
+        return ENGINES[self.engine][0]
 
 
-#: Smallest first: the order the runtime falls back in when a bundle names no deployed model.
+#: LiteRT smallest first (the order the runtime falls back in when a bundle names no deployed
+#: model), then ONNX Runtime.
 PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
@@ -28,9 +42,10 @@ PRECISIONS: dict[str, Precision] = {
         Precision("dynamic", "tflite-dynamic", "dynamic-range int8", sparse_encoding=False),
         Precision("float16", "tflite-float16", "float16"),
         Precision("float32", "tflite-float32", "float32"),
+        Precision("onnx-float32", "onnx-float32", "float32 (ONNX Runtime)", sparse_encoding=False, engine="onnx"),
     )
 }
-#: What ``edgedx compress --quantize`` takes: a precision to convert to, ``auto`` (measure them all on a
+#: What ``edgedx compress --quantize`` takes: a format to convert to, ``auto`` (measure them all on a
 #: device) or ``none`` (stay float32).
 QUANTIZE_CHOICES = (*[name for name in PRECISIONS if name != "float32"], "auto", "none")
 KERAS_ROLE = "keras"
@@ -42,7 +57,7 @@ def role_of(precision: str) -> str:
 
 
 def precision_of_role(role: str) -> Precision | None:
-    """The precision of a bundle's TFLite model role, or None (the Keras model)."""
+    """The deployable format of a bundle's model role, or None (the Keras model)."""
     return _BY_ROLE.get(role)
 
 
@@ -53,9 +68,11 @@ def deployed_role(roles: Iterable[str], deploy: str | None) -> str | None:
 
 
 def report_order(roles: Iterable[str]) -> list[str]:
-    """A bundle's models as reports list them: Keras, then TFLite from float32 down to int8."""
+    """A bundle's models as reports list them: Keras, TFLite from float32 down to int8, then ONNX."""
     present = set(roles)
-    return [r for r in (KERAS_ROLE, *reversed(tuple(_BY_ROLE))) if r in present]
+    tflite = [p.role for p in PRECISIONS.values() if p.engine == "tflite"]
+    others = [p.role for p in PRECISIONS.values() if p.engine != "tflite"]
+    return [r for r in (KERAS_ROLE, *reversed(tflite), *others) if r in present]
 
 
 def precision_label(role: str, float_ops: int = 0) -> str:

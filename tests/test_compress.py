@@ -14,6 +14,7 @@ from edgedx.compress import CompressConfig, compress
 from edgedx.compress._pipeline import LATENCY_TIE
 from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import CompressionRefused, ConfigError
+from edgedx.precision import role_of
 from edgedx.preprocess import to_model_inputs
 from edgedx.runtime import Model
 from edgedx.train import TrainConfig, train
@@ -362,13 +363,18 @@ def test_bad_config():
 
 def test_runtime_runs_compressed_bundle_without_tensorflow(parent, tmp_path):
     """Load and run the int8 bundle in a fresh interpreter: no TensorFlow module gets imported."""
+    bundle = compress(parent.path, tmp_path / "rt", CompressConfig(quantize="int8")).bundle
+    _runs_without_tensorflow(bundle.path, backend="litert")
+
+
+def _runs_without_tensorflow(bundle_path, *, backend: str) -> None:
+    """Load and run a bundle's deployed model in a fresh interpreter, on ``backend``, importing no TensorFlow."""
     import subprocess
     import sys
 
-    bundle = compress(parent.path, tmp_path / "rt", CompressConfig(quantize="int8")).bundle
     code = (
         "import sys, numpy as np; from edgedx.runtime import Model; "
-        f"m = Model.load({str(bundle.path)!r}); "
+        f"m = Model.load({str(bundle_path)!r}); assert m.backend == {backend!r}, m.backend; "
         "p = m.predict(np.full((16, 16), 200.0)); assert 0 <= float(p.probabilities) <= 1; "
         "bad = [n for n in ('tensorflow', 'tf_keras', 'keras') if n in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
@@ -383,7 +389,9 @@ def test_auto_precision_keeps_the_fastest_that_passes(parent, tmp_path):
     )
     record = result.bundle.manifest.compression.auto_precision
     candidates = {c["precision"]: c for c in record["candidates"]}
-    assert set(candidates) == {"float32", "float16", "dynamic", "int8"}
+    # host lists both engines; the [train] extra installs tf2onnx and onnxruntime
+    assert set(candidates) == {"float32", "float16", "dynamic", "int8", "onnx-float32"}
+    assert record["not_measured"] == []
     winner = candidates[record["winner"]]
     assert winner["passes_guard"]
     passing = [c for c in candidates.values() if c["passes_guard"]]
@@ -396,11 +404,49 @@ def test_auto_precision_keeps_the_fastest_that_passes(parent, tmp_path):
         if any(a <= b * (1 + LATENCY_TIE) for a, b in zip(c["round_p50_ms"], fastest["round_p50_ms"], strict=True))
     ]
     assert winner in tied and winner["bytes"] == min(c["bytes"] for c in tied)
-    assert result.bundle.manifest.deploy == f"tflite-{record['winner']}"
+    assert result.bundle.manifest.deploy == role_of(record["winner"])
     assert record["winner"] in record["reason"] and "host" in record["reason"]
     # the deployed candidate keeps the pipeline within its limits, as the bundle's own record says
     assert winner["over_pipeline_limits"] == [] and result.bundle.manifest.compression.loss_against_parent.within_limits
     Model.load(result.bundle.path)  # the winner is deployable
+
+
+def test_onnx_float32_bundle_runs_on_onnx_runtime_without_tensorflow(parent, tmp_path):
+    """--quantize onnx-float32 deploys a tf2onnx export that ONNX Runtime runs as the Keras model does."""
+    from edgedx._tf import keras
+
+    bundle = compress(parent.path, tmp_path / "onnx", CompressConfig(quantize="onnx-float32")).bundle
+    record = bundle.manifest.models["onnx-float32"]
+    assert bundle.manifest.deploy == "onnx-float32" and record.file.endswith(".onnx")
+    assert record.input.dtype == "float32"
+    assert record.input.shape == bundle.manifest.models["tflite-float32"].input.shape
+    model = Model.load(bundle.path)
+    assert model.role == "onnx-float32" and model.backend == "onnxruntime"
+    x = to_model_inputs(recorded_dataset(bundle.manifest.data).splits["test"].images(), bundle.preprocess)
+    keras_logits = keras.models.load_model(bundle.model_path("keras"), compile=False)(x).numpy()
+    np.testing.assert_allclose(model.logits(x), keras_logits, atol=1e-4)
+    assert model.logits(x[:0]).shape == (0, keras_logits.shape[1])
+    _runs_without_tensorflow(bundle.path, backend="onnxruntime")
+
+
+def test_auto_measures_only_the_engines_the_device_has_and_this_machine_can_run(monkeypatch):
+    import importlib.util
+
+    from edgedx.compress._pipeline import auto_candidates
+    from edgedx.devices import DeviceProfile
+
+    both = DeviceProfile("box", "", threads=1, engines=("tflite", "onnx"))
+    assert auto_candidates(both) == (["int8", "dynamic", "float16", "float32", "onnx-float32"], [])
+    formats, why = auto_candidates(replace(both, engines=("tflite",)))
+    assert formats == ["int8", "dynamic", "float16", "float32"]
+    assert why == ["onnx-float32 not measured: the box profile has no onnx"]
+    formats, _ = auto_candidates(replace(both, engines=("onnx",)))
+    assert formats == ["float32", "onnx-float32"]  # LiteRT float32 always: it always passes the guard
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    formats, why = auto_candidates(both)
+    assert "onnx-float32" not in formats and why == ["onnx-float32 not measured: onnxruntime not installed here"]
 
 
 def test_auto_precision_needs_a_device():
@@ -424,10 +470,10 @@ def test_compressed_threshold_keeps_the_reference_operating_point():
 
 def test_when_no_int8_meets_the_budgets_one_validation_case_does_not_buy_float_ops():
     from edgedx.compress._pipeline import _fewest_flips, _Int8Candidate
-    from edgedx.compress.quantize import TFLiteModel
+    from edgedx.compress.quantize import ConvertedModel
 
     def candidate(float_ops: int, flips: float, drop: float) -> _Int8Candidate:
-        model = TFLiteModel("int8", b"", {}, {}, float_ops=tuple(f"op{i}" for i in range(float_ops)))
+        model = ConvertedModel("int8", b"", {}, {}, float_ops=tuple(f"op{i}" for i in range(float_ops)))
         return _Int8Candidate(model, {}, drop, flips)
 
     full, one = candidate(0, 17 / 360, 0.0096), candidate(1, 9 / 360, 0.0036)

@@ -24,6 +24,13 @@ def test_dropped_in_profile_is_found(tmp_path, monkeypatch):
     assert "ward-box" in available_devices()
     profile = load_profile("ward-box")
     assert (profile.threads, profile.budgets, profile.memory_limit_mb) == (3, {"min_auc": 0.8}, 0)
+    assert profile.engines == ("tflite",)  # unless a profile says so, a device has the base install only
+
+
+def test_profiles_name_the_engines_their_device_runs():
+    assert load_profile("host").engines == ("tflite", "onnx")
+    assert load_profile("console-2core").engines == ("tflite", "onnx")
+    assert load_profile("edge-1core").engines == ("tflite",)
 
 
 @pytest.mark.parametrize(
@@ -36,6 +43,8 @@ def test_dropped_in_profile_is_found(tmp_path, monkeypatch):
         ("threads = 2\n[budgets]\nlatency_p50_ms = 3", "unknown budget 'latency_p50_ms'"),
         ("threads = 2\n[budgets]\nmin_auc = 'high'", "budget min_auc must be a number"),
         ("threads = [", "not valid TOML"),
+        ("threads = 2\nengines = ['tvm']", "engines must be a non-empty list of tflite, onnx"),
+        ("threads = 2\nengines = []", "engines must be a non-empty list"),
     ],
 )
 def test_bad_profile_is_named(tmp_path, text, message):

@@ -236,7 +236,7 @@ def ood_report(bundle: Bundle, folder: Path | str) -> dict[str, Any]:
 
 # -- the offline kit --------------------------------------------------------------------------------
 
-_RUNNER = '''"""Measure this kit's models on this box; needs only the base install (pip install edgedx).
+_RUNNER = '''"""Measure this kit's models on this box: pip install edgedx (edgedx[onnx] for ONNX models).
 
     python run_kit.py [RESULTS.json]
 

@@ -18,7 +18,7 @@ from .. import metrics as clinical
 from ..calibration import reliability
 from ..devices import DeviceProfile
 from ..outputs import decisions
-from ..precision import precision_label
+from ..precision import precision_label, precision_of_role
 from ..runtime.probe import summarize_latency
 
 
@@ -147,21 +147,21 @@ def _probability_shifts(rows: list[dict[str, Any]]) -> None:
         if base is None or np.asarray(base["scores"]).ndim != 1:
             continue
         for role, row in mine.items():
-            if role.startswith("tflite") and role != "tflite-float32":
+            if precision_of_role(role) and role != "tflite-float32":
                 shift = np.abs(np.asarray(row["scores"]) - np.asarray(base["scores"]))
                 row["clinical"]["median_abs_dp_vs_float32"] = float(np.median(shift))
 
 
 def _precision_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str]:
-    """Say where a quantized model is slower than float on this device, and name the fastest."""
+    """Say where a deployable model is slower than LiteRT float32 on this device, and name the fastest."""
     notes = []
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
-        tflite = {r["role"]: r for r in rows if r["bundle"] == bundle and r["role"].startswith("tflite")}
-        if len(tflite) < 2 or "tflite-float32" not in tflite:
+        deployable = {r["role"]: r for r in rows if r["bundle"] == bundle and precision_of_role(r["role"])}
+        if len(deployable) < 2 or "tflite-float32" not in deployable:
             continue
-        fastest = min(tflite.values(), key=lambda r: r["device"]["p50_ms"])
-        base = tflite["tflite-float32"]["device"]["p50_ms"]
-        for role, row in tflite.items():
+        fastest = min(deployable.values(), key=lambda r: r["device"]["p50_ms"])
+        base = deployable["tflite-float32"]["device"]["p50_ms"]
+        for role, row in deployable.items():
             p50 = row["device"]["p50_ms"]
             if role != "tflite-float32" and p50 > base:
                 notes.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import math
 import tempfile
 import time
@@ -36,10 +37,10 @@ from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
 from ..runtime.probe import LATENCY_SAMPLE, run_probe, summarize_latency
 from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
 from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
-from .quantize import TFLiteModel
+from .quantize import ConvertedModel
 
-#: ``--quantize auto`` tries these, measured on the device; float32 always passes the guard.
-AUTO_CANDIDATES = tuple(PRECISIONS)
+#: What converting to and running each engine's models needs here, beyond the [train] extra's TensorFlow.
+ENGINE_MODULES = {"tflite": (), "onnx": ("tf2onnx", "onnxruntime")}
 #: Distillation runs this many epochs per teacher epoch unless told, by how the student started.
 #: From random weights the head-CT student needed twice the teacher's (validation AUC 0.970 after
 #: 40 epochs, 0.936 after 20). From the teacher's channels, the teacher's own epochs are a trade
@@ -151,8 +152,8 @@ class _Stage:
     threshold: float | None
     scores: dict[str, np.ndarray]
     arch: ArchRecord  # name, width and kernel sparsity; its counts are filled in when written
-    tflite: TFLiteModel | None = None
-    float32: TFLiteModel | None = None  # a Keras stage's float32 TFLite, converted once (size, deployment)
+    tflite: ConvertedModel | None = None
+    float32: ConvertedModel | None = None  # a Keras stage's float32 TFLite, converted once (size, deployment)
     notes: list[str] = field(default_factory=list)
     row: dict[str, Any] = field(default_factory=dict)  # the step report, filled in by _Run.stage
     auto_precision: dict[str, Any] | None = None  # --quantize auto: every candidate and the choice
@@ -162,15 +163,16 @@ def _gzip_size(content: bytes) -> int:
     return len(gzip.compress(content, compresslevel=9))
 
 
-def _tflite_scores(
-    model: TFLiteModel, data: PreparedData, activation: str, splits: tuple[str, ...] = ("val", "test")
+def _converted_scores(
+    model: ConvertedModel, data: PreparedData, activation: str, splits: tuple[str, ...] = ("val", "test")
 ) -> dict[str, np.ndarray]:
-    from ..runtime import TFLiteRunner
+    """A converted model's probabilities on ``splits``, computed by the runtime that deploys it."""
+    from ..runtime import open_runner
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.tflite"
+        path = Path(tmp) / f"model{PRECISIONS[model.precision].suffix}"
         path.write_bytes(model.content)
-        runner = TFLiteRunner(path, input_record=model.input, output_record=model.output, threads=None)
+        runner = open_runner(path, model.precision, input_record=model.input, output_record=model.output)
         return {
             s: probabilities(np.concatenate([runner.logits(b) for b in input_batches(data.x[s], 256)]), activation)
             for s in splits
@@ -212,7 +214,7 @@ def _validation_flips(scores_val: np.ndarray, float_stage: _Stage) -> float:
 
 @dataclass(frozen=True)
 class _Int8Candidate:
-    model: TFLiteModel
+    model: ConvertedModel
     scores: dict[str, np.ndarray]
     auc_drop: float
     flips: float
@@ -237,8 +239,8 @@ def _post_training_int8(
     reference_auc = clinical.auc(prepared.y["val"], float_stage.scores["val"])
     sparse = _pruned(float_stage.arch)
 
-    def measured(model: TFLiteModel) -> _Int8Candidate:
-        scores = _tflite_scores(model, prepared, activation)
+    def measured(model: ConvertedModel) -> _Int8Candidate:
+        scores = _converted_scores(model, prepared, activation)
         drop = reference_auc - clinical.auc(prepared.y["val"], scores["val"])
         return _Int8Candidate(model, scores, drop, _validation_flips(scores["val"], float_stage))
 
@@ -701,9 +703,9 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
     calibration = run.calibration_inputs
     reference_auc = clinical.auc(run.data.y["val"], current.scores["val"])
 
-    def converted(model) -> tuple[TFLiteModel, dict[str, np.ndarray], float]:
+    def converted(model) -> tuple[ConvertedModel, dict[str, np.ndarray], float]:
         q = convert(model, config.quantize, calibration, sparse=sparse)
-        scores = _tflite_scores(q, run.data, run.activation)
+        scores = _converted_scores(q, run.data, run.activation)
         return q, scores, reference_auc - clinical.auc(run.data.y["val"], scores["val"])
 
     notes: list[str] = []
@@ -802,8 +804,8 @@ def steps_cost_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _candidate_bundle(folder: Path, model: TFLiteModel, parent: Manifest, threshold: float | None) -> Path:
-    """A minimal bundle around one TFLite candidate, so the device probe can load it like any bundle."""
+def _candidate_bundle(folder: Path, model: ConvertedModel, parent: Manifest, threshold: float | None) -> Path:
+    """A minimal bundle around one converted candidate, so the device probe can load it like any bundle."""
     role = role_of(model.precision)
     manifest = Manifest(
         name=f"candidate-{model.precision}",
@@ -814,7 +816,7 @@ def _candidate_bundle(folder: Path, model: TFLiteModel, parent: Manifest, thresh
         deploy=role,
         models={role: ModelRecord(input=model.input, output=model.output, threshold=threshold)},
     )
-    file = folder / f"{model.precision}.tflite"
+    file = folder / f"{model.precision}{PRECISIONS[model.precision].suffix}"
     file.write_bytes(model.content)
     return write_bundle(folder / manifest.name, manifest, models={role: file}).path
 
@@ -833,9 +835,10 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
     reference_auc = clinical.auc(prepared.y["val"], current.scores["val"])
     parent_val = _val_figures(run, run.parent_scores["val"], run.parent_threshold)
     candidates, models = [], {}
+    formats, unavailable = auto_candidates(profile)
     with tempfile.TemporaryDirectory() as tmp:
         bundles = {}
-        for precision in AUTO_CANDIDATES:
+        for precision in formats:
             model, scores = _auto_candidate(run, current, precision)
             threshold = _matching_threshold(scores["val"], current.scores["val"], current.threshold)
             val = _val_figures(run, scores["val"], threshold)
@@ -858,7 +861,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         candidate |= timings[candidate["precision"]]
     winner, reason = _auto_choice(candidates, config, profile.name)
     record = {"device": profile.to_dict(), "runs": config.auto_runs, "rounds": config.auto_rounds}
-    record |= {"candidates": candidates, "winner": winner["precision"], "reason": reason}
+    record |= {"candidates": candidates, "not_measured": unavailable, "winner": winner["precision"], "reason": reason}
     model, scores, threshold = models[winner["precision"]]
     return run.stage(
         f"quantize-auto:{model.precision}",
@@ -868,9 +871,28 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         scores=scores,
         arch=current.arch,
         tflite=model,
-        notes=[reason],
+        notes=[reason, *unavailable],
         auto_precision=record,
     )
+
+
+def auto_candidates(profile: DeviceProfile) -> tuple[list[str], list[str]]:
+    """The formats ``--quantize auto`` measures for a device, and why the others are not measured.
+
+    A format is a candidate when the device profile lists its engine and this machine can convert
+    to it and run it (ONNX needs tf2onnx and onnxruntime). float32 TFLite always is: it always
+    passes the guard.
+    """
+    formats, unavailable = [], []
+    for precision in PRECISIONS.values():
+        missing = [m for m in ENGINE_MODULES[precision.engine] if importlib.util.find_spec(m) is None]
+        if precision.name != "float32" and precision.engine not in profile.engines:
+            unavailable.append(f"{precision.name} not measured: the {profile.name} profile has no {precision.engine}")
+        elif missing:
+            unavailable.append(f"{precision.name} not measured: {' and '.join(missing)} not installed here")
+        else:
+            formats.append(precision.name)
+    return formats, unavailable
 
 
 def _auto_choice(candidates: list[dict[str, Any]], config: CompressConfig, device: str) -> tuple[dict[str, Any], str]:
@@ -896,7 +918,7 @@ def _auto_choice(candidates: list[dict[str, Any]], config: CompressConfig, devic
     return winner, reason
 
 
-def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[TFLiteModel, dict[str, np.ndarray]]:
+def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[ConvertedModel, dict[str, np.ndarray]]:
     """``current`` converted to ``precision`` as ``compress --quantize`` would keep it, and its scores."""
     from .quantize import convert
 
@@ -909,7 +931,7 @@ def _auto_candidate(run: _Run, current: _Stage, precision: str) -> tuple[TFLiteM
         model = current.float32
     else:  # every candidate stored like the float32 one
         model = convert(current.keras_model, precision, run.calibration_inputs, sparse=current.float32.sparse)
-    return model, _tflite_scores(model, run.data, run.activation)
+    return model, _converted_scores(model, run.data, run.activation)
 
 
 def _refusal(candidate: dict[str, Any], config: CompressConfig) -> str:
@@ -1054,14 +1076,14 @@ def _write(
         float_model.save(files["keras"])
         files["tflite-float32"].write_bytes(float_tflite.content)
         if deploy_role != "tflite-float32":
-            files[deploy_role] = Path(tmp) / f"model-{deploy.precision}.tflite"
+            files[deploy_role] = Path(tmp) / f"model-{deploy.precision}{PRECISIONS[deploy.precision].suffix}"
             files[deploy_role].write_bytes(deploy.content)
         bundle = write_bundle(out, body, models=files, files=extra_files, overwrite=overwrite)
     return CompressResult(bundle=bundle, steps=rows, seconds=seconds)
 
 
 def _calibrations(
-    run: _Run, float_stage: _Stage, final: _Stage, deploy: TFLiteModel
+    run: _Run, float_stage: _Stage, final: _Stage, deploy: ConvertedModel
 ) -> tuple[Calibration, Calibration]:
     """Calibrations of the compressed float model and of the deployed one.
 
@@ -1096,5 +1118,5 @@ def _calibrations(
         float_calibration = fit_to_reference(fit_and_val_logits(float_train, float_stage.scores), target)
     if same:
         return float_calibration, float_calibration
-    deploy_train = _tflite_scores(deploy, prepared, activation, splits=("train",))["train"]
+    deploy_train = _converted_scores(deploy, prepared, activation, splits=("train",))["train"]
     return float_calibration, fit_to_reference(fit_and_val_logits(deploy_train, final.scores), target)

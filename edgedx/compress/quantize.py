@@ -1,4 +1,5 @@
-"""Keras -> TFLite: float32, float16, dynamic-range int8, full-integer int8, and quantization-aware training."""
+"""Keras -> deployable formats: TFLite float32, float16, dynamic-range int8 and full-integer int8,
+ONNX float32 (tf2onnx), and quantization-aware training."""
 
 from __future__ import annotations
 
@@ -17,13 +18,16 @@ import numpy as np
 
 from .._quiet import native_logs_hidden
 from ..bundle import TensorRecord
-from ..errors import ConfigError
+from ..errors import ConfigError, DependencyError
 from ..precision import PRECISIONS
+
+#: The ONNX opset models are exported in: supported by every ONNX Runtime since 1.12.
+ONNX_OPSET = 17
 
 
 @dataclass(frozen=True)
-class TFLiteModel:
-    """A converted model: its bytes and the input/output tensor records the manifest stores."""
+class ConvertedModel:
+    """A converted model (TFLite or ONNX): its bytes and the input/output tensor records the manifest stores."""
 
     precision: str  # a name in edgedx.precision.PRECISIONS
     content: bytes
@@ -43,14 +47,14 @@ def _tensor_record(details: dict[str, Any]) -> TensorRecord:
     )
 
 
-def _describe(precision: str, content: bytes, sparse: bool = False, float_ops: tuple[str, ...] = ()) -> TFLiteModel:
+def _describe(precision: str, content: bytes, sparse: bool = False, float_ops: tuple[str, ...] = ()) -> ConvertedModel:
     from ..runtime import load_backend
 
     with tempfile.TemporaryDirectory() as tmp:  # the interpreter wants a path
         path = Path(tmp) / "m.tflite"
         path.write_bytes(content)
         interpreter = load_backend().create(str(path), 1)
-        return TFLiteModel(
+        return ConvertedModel(
             precision,
             content,
             _tensor_record(interpreter.get_input_details()[0]),
@@ -68,14 +72,15 @@ def representative_samples(x: np.ndarray, count: int, seed: int) -> np.ndarray:
     return x[rng.choice(len(x), size=min(count, len(x)), replace=False)]
 
 
-def convert(model, precision: str, calibration: np.ndarray | None = None, *, sparse: bool = False) -> TFLiteModel:
-    """Convert a float Keras model (or a QAT model, for ``int8``) to TFLite.
+def convert(model, precision: str, calibration: np.ndarray | None = None, *, sparse: bool = False) -> ConvertedModel:
+    """Convert a float Keras model (or a QAT model, for ``int8``) to a deployable format.
 
     Args:
         model: A tf_keras model with a fixed input shape.
-        precision: ``float32``; ``float16`` (weights stored as float16); ``dynamic`` (int8 weights,
-            float activations); ``int8`` (int8 weights per channel, int8 activations, int8 input
-            and output; needs ``calibration`` unless the model was trained quantization-aware).
+        precision: A name in ``edgedx.precision.PRECISIONS``: TFLite ``float32``; ``float16``
+            (weights stored as float16); ``dynamic`` (int8 weights, float activations); ``int8``
+            (int8 weights per channel, int8 activations, int8 input and output; needs
+            ``calibration`` unless the model was trained quantization-aware); or ``onnx-float32``.
         calibration: Preprocessed training inputs (N, S, S, C) for the int8 ranges.
         sparse: Store pruned weights in TFLite's sparse tensor encoding (for pruned models): the
             file shrinks with the zeros instead of storing them. On the pruned PneumoniaMNIST
@@ -88,6 +93,8 @@ def convert(model, precision: str, calibration: np.ndarray | None = None, *, spa
 
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if PRECISIONS[precision].engine == "onnx":
+        return to_onnx(model, precision)
     converter = _converter(model, precision, calibration)
     sparse = sparse and PRECISIONS[precision].sparse_encoding
     if sparse:
@@ -95,6 +102,31 @@ def convert(model, precision: str, calibration: np.ndarray | None = None, *, spa
     with _quiet_converter():  # int8 prints "fully_quantize: 0, ..."
         content = converter.convert()
     return _describe(precision, content, sparse)
+
+
+def to_onnx(model, precision: str = "onnx-float32") -> ConvertedModel:
+    """The Keras model as float32 ONNX (tf2onnx, opset 17), taking any batch.
+
+    Needs ``tf2onnx`` (the ``[train]`` extra installs it); the runtime runs it on ONNX Runtime.
+    """
+    from .._tf import tf
+
+    try:
+        import tf2onnx
+    except ImportError as exc:
+        raise DependencyError(f"ONNX export needs tf2onnx ({exc}); pip install tf2onnx") from None
+    size = tuple(int(d) for d in model.input_shape[1:])
+    spec = (tf.TensorSpec((None, *size), tf.float32, name="input"),)
+    with native_logs_hidden(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf2onnx's deprecation warnings about TensorFlow's internals
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=ONNX_OPSET)
+    outputs = int(model.output_shape[-1])
+    return ConvertedModel(
+        precision,
+        proto.SerializeToString(),
+        TensorRecord(dtype="float32", shape=(1, *size)),
+        TensorRecord(dtype="float32", shape=(1, outputs)),
+    )
 
 
 @contextlib.contextmanager
@@ -137,7 +169,7 @@ def _converter(model, precision: str, calibration: np.ndarray | None):
 
 def int8_keeping_first_ops_float(
     model, calibration: np.ndarray, counts: Sequence[int], *, sparse: bool = False
-) -> Iterator[TFLiteModel]:
+) -> Iterator[ConvertedModel]:
     """int8 models with the first ``n`` ops (for each n in ``counts``) left in float32: selective quantization.
 
     Input and output stay int8 (the runtime and its preprocessing do not change); everything after

@@ -1,4 +1,4 @@
-"""Run a bundle's TFLite model with nothing but numpy, pydicom and a TFLite interpreter.
+"""Run a bundle's model with nothing but numpy, pydicom and a TFLite interpreter (or ONNX Runtime).
 
 Everything comes from the bundle's manifest: preprocessing, quantization parameters, output
 activation, threshold and class names. Nothing here imports TensorFlow.
@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -23,7 +23,7 @@ from ..guard import GuardResult, Scope
 from ..outputs import decisions, probabilities
 from ..precision import deployed_role, precision_of_role
 from ..preprocess import PreprocessSpec, to_model_input
-from ._backends import Backend, load_backend
+from ._backends import Backend, BackendUnavailable, load_backend
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,49 @@ class TFLiteRunner:
         return (y.astype(np.float32) - q.zero_point) * q.scale
 
 
+class Runner(Protocol):
+    """A loaded model file on its engine: what :class:`Model` runs, whatever the engine."""
+
+    backend: str
+    path: Path
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    def logits(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def open_runner(
+    model_path: Path | str,
+    precision: str,
+    *,
+    input_record: TensorRecord,
+    output_record: TensorRecord,
+    threads: int | None = None,
+    backend: str | Backend | None = None,
+) -> Runner:
+    """The model file of a deployable format (a name in ``edgedx.precision.PRECISIONS``) on its engine.
+
+    ``backend`` chooses the TFLite interpreter (``litert`` or ``tflite-runtime``); ONNX models run
+    on ONNX Runtime, the only backend of that engine.
+    """
+    from ..precision import PRECISIONS
+
+    if PRECISIONS[precision].engine == "onnx":
+        from ._onnx import BACKEND, OnnxRunner
+
+        if backend is not None and getattr(backend, "name", backend) != BACKEND:
+            raise BackendUnavailable(f"an ONNX model runs on {BACKEND}, not {getattr(backend, 'name', backend)}")
+        return OnnxRunner(model_path, input_record=input_record, output_record=output_record, threads=threads)
+    return TFLiteRunner(
+        model_path, input_record=input_record, output_record=output_record, threads=threads, backend=backend
+    )
+
+
 class Model:
     """A loaded bundle model; build it with :meth:`Model.load`."""
 
-    def __init__(self, bundle: Bundle, role: str, runner: TFLiteRunner) -> None:
+    def __init__(self, bundle: Bundle, role: str, runner: Runner) -> None:
         self.bundle = bundle
         self.role = role
         self.runner = runner
@@ -190,14 +229,15 @@ class Model:
         threads: int | None = None,
         backend: str | Backend | None = None,
     ) -> Model:
-        """Open a bundle, verify every file's SHA-256, and load one of its TFLite models.
+        """Open a bundle, verify every file's SHA-256, and load one of its deployable models.
 
         Args:
             bundle: A bundle folder (or an already read :class:`Bundle`, which is verified again).
-            role: Which model (``tflite-int8``, ``tflite-float32``, ...); default: the manifest's
-                ``deploy`` role, else the first TFLite model present.
-            threads: Interpreter threads (default: the interpreter's own choice).
-            backend: ``litert`` or ``tflite-runtime`` (default: the first installed).
+            role: Which model (``tflite-int8``, ``tflite-float32``, ``onnx-float32``, ...); default:
+                the manifest's ``deploy`` role, else the first TFLite model present.
+            threads: Interpreter threads (default: the engine's own choice).
+            backend: For TFLite models, ``litert`` or ``tflite-runtime`` (default: the first
+                installed); ONNX models run on ONNX Runtime.
         """
         b = read_bundle(bundle.path if isinstance(bundle, Bundle) else bundle)
         models = b.manifest.models
@@ -205,17 +245,19 @@ class Model:
             role = deployed_role(models, b.manifest.deploy)
             if role is None:
                 raise BundleError(
-                    f"{b.path}: no TFLite model in this bundle (it has {', '.join(models)}); "
+                    f"{b.path}: no deployable model in this bundle (it has {', '.join(models)}); "
                     "make one with `edgedx compress`"
                 )
-        if role not in models or precision_of_role(role) is None:
-            tflite = [r for r in models if precision_of_role(r)]
-            raise BundleError(f"{b.path}: no {role!r} TFLite model; it has {', '.join(tflite) or 'none'}")
+        precision = precision_of_role(role)
+        if role not in models or precision is None:
+            deployable = [r for r in models if precision_of_role(r)]
+            raise BundleError(f"{b.path}: no {role!r} model to deploy; it has {', '.join(deployable) or 'none'}")
         record = models[role]
         if record.input is None or record.output is None:
             raise BundleError(f"{b.path}: the manifest does not record {role}'s input and output tensors")
-        runner = TFLiteRunner(
+        runner = open_runner(
             b.model_path(role),
+            precision.name,
             input_record=record.input,
             output_record=record.output,
             threads=threads,

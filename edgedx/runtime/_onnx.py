@@ -1,0 +1,89 @@
+"""A bundle's ONNX model on ONNX Runtime: the optional second engine (``pip install 'edgedx[onnx]'``).
+
+On CPUs without AVX-512, ONNX Runtime's float32 kernels ran the head-CT student in fewer
+instructions than any of LiteRT's precisions (benchmarks/README.md), so ``compress --quantize auto``
+can deploy an ONNX model where it measures faster. Imported only when such a model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import TensorRecord
+from ..errors import BundleError, DataError
+from ._backends import BackendUnavailable
+
+BACKEND = "onnxruntime"
+INSTALL_HINT = "pip install onnxruntime (or: pip install 'edgedx[onnx]')"
+#: Inputs per session call when scoring many: ONNX Runtime takes a batch in one call.
+BATCH = 64
+
+
+def _onnxruntime() -> Any:
+    if importlib.util.find_spec(BACKEND) is None:
+        raise BackendUnavailable(f"this bundle deploys an ONNX model and ONNX Runtime is not installed; {INSTALL_HINT}")
+    try:
+        return importlib.import_module(BACKEND)
+    except ImportError as exc:
+        raise BackendUnavailable(f"ONNX Runtime is installed but fails to import ({exc})") from None
+
+
+def onnxruntime_available() -> bool:
+    return importlib.util.find_spec(BACKEND) is not None
+
+
+class OnnxRunner:
+    """One float32 ONNX model in an ONNX Runtime session, on the CPU.
+
+    ``input_record`` and ``output_record`` are the manifest's records of the model's tensors; they
+    are checked against the session. The model takes any batch; its records say batch 1.
+    """
+
+    backend = BACKEND
+
+    def __init__(
+        self, model_path: Path | str, *, input_record: TensorRecord, output_record: TensorRecord, threads: int | None
+    ) -> None:
+        ort = _onnxruntime()
+        self.path = Path(model_path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its warnings are about graph internals
+        options.inter_op_num_threads = 1  # one chain of convolutions: nothing to run side by side
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types, not exported under one base
+            raise BundleError(f"{self.path.name}: not an ONNX model ONNX Runtime can load ({exc})") from None
+        self._in, self._out = self._session.get_inputs()[0], self._session.get_outputs()[0]
+        for name, record, tensor in (("input", input_record, self._in), ("output", output_record, self._out)):
+            if record.dtype != "float32" or tensor.type != "tensor(float)":
+                raise BundleError(f"{self.path.name}: {name} is {tensor.type}; the manifest says {record.dtype}")
+            if list(tensor.shape[1:]) != list(record.shape[1:]):
+                raise BundleError(
+                    f"{self.path.name}: {name} has shape {tensor.shape[1:]}; the manifest says {list(record.shape[1:])}"
+                )
+        self._input_shape = (1, *(int(d) for d in input_record.shape[1:]))
+        self._outputs = int(output_record.shape[-1])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._input_shape
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed inputs float32 (N, S, S, C) -> raw model outputs (N, outputs)."""
+        x = np.asarray(x, np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        if x.shape[1:] != self._input_shape[1:]:
+            raise DataError(f"input has shape {x.shape[1:]}, the model takes {self._input_shape[1:]}")
+        out = np.empty((len(x), self._outputs), np.float32)
+        run, name = self._session.run, self._in.name
+        for i in range(0, len(x), BATCH):
+            out[i : i + BATCH] = run(None, {name: x[i : i + BATCH]})[0]
+        return out
