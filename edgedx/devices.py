@@ -75,6 +75,11 @@ class DeviceProfile:
         return missed
 
 
+def device_figures(*, latency_p95_ms: float, peak_rss_mb: float, model_bytes: int) -> dict[str, float]:
+    """A model's measured device figures, named as the budgets they are held to."""
+    return {"latency_p95_ms": latency_p95_ms, "peak_rss_mb": peak_rss_mb, "model_size_kb": model_bytes / 1024}
+
+
 def search_path() -> list[Path]:
     folders = [Path(p) for p in os.environ.get("EDGEDX_DEVICES", "").split(os.pathsep) if p]
     return [*folders, Path.cwd() / "devices", Path(__file__).resolve().parent.parent / "devices"]

@@ -566,32 +566,58 @@ def test_auto_precision_breaks_latency_ties_by_size():
     assert winner is dynamic and tied == [dynamic]
 
 
+def _auto_candidate(precision, p50, size, over=(), auc_drop=0.001, rss=80.0):
+    """A --quantize auto candidate's record as _auto_choice reads it."""
+    return {
+        "precision": precision,
+        "p50_ms": p50,
+        "p95_ms": p50 * 1.1,
+        "round_p50_ms": [p50] * 3,
+        "peak_rss_mb": rss,
+        "bytes": size,
+        "val_auc_drop": auc_drop,
+        "over_pipeline_limits": list(over),
+    }
+
+
 def test_auto_precision_deploys_only_what_keeps_the_pipeline_within_its_limits():
     from edgedx.compress._pipeline import _auto_choice
+    from edgedx.devices import DeviceProfile
 
-    def candidate(precision, p50, size, over=(), auc_drop=0.001):
-        return {
-            "precision": precision,
-            "p50_ms": p50,
-            "round_p50_ms": [p50] * 3,
-            "bytes": size,
-            "val_auc_drop": auc_drop,
-            "over_pipeline_limits": list(over),
-        }
-
-    config = CompressConfig(quantize="auto", device="host")
-    int8 = candidate("int8", 1.0, 70_000, over=["sensitivity"])  # fastest, smallest, one positive case short
-    dynamic, float32 = candidate("dynamic", 1.3, 100_000), candidate("float32", 3.0, 330_000, auc_drop=0.0)
-    winner, reason = _auto_choice([int8, dynamic, float32], config, "host")
+    config, host = CompressConfig(quantize="auto", device="host"), DeviceProfile("host", "", threads=2)
+    int8 = _auto_candidate("int8", 1.0, 70_000, over=["sensitivity"])  # fastest, smallest, one positive case short
+    dynamic = _auto_candidate("dynamic", 1.3, 100_000)
+    float32 = _auto_candidate("float32", 3.0, 330_000, auc_drop=0.0)
+    winner, reason = _auto_choice([int8, dynamic, float32], config, host)
     assert winner is dynamic and not int8["passes_guard"] and dynamic["passes_guard"]
     assert "refused for accuracy: int8 (the pipeline's sensitivity over its limit)" in reason
     # the float model itself is over the limits: quantization is held to its own AUC drop only
     float32["over_pipeline_limits"] = dynamic["over_pipeline_limits"] = ["auc"]
-    winner, reason = _auto_choice([int8, dynamic, float32], config, "host")
+    winner, reason = _auto_choice([int8, dynamic, float32], config, host)
     assert winner is int8 and "refused" not in reason
     int8["val_auc_drop"] = 0.02
-    winner, reason = _auto_choice([int8, dynamic, float32], config, "host")
+    winner, reason = _auto_choice([int8, dynamic, float32], config, host)
     assert winner is dynamic and "int8 (validation AUC -0.0200 against the float model)" in reason
+
+
+def test_auto_precision_deploys_for_the_device_what_fits_its_budgets():
+    """The fastest that passes the guard, of those within the device's latency, memory and size budgets."""
+    from edgedx.compress._pipeline import _auto_choice
+    from edgedx.devices import DeviceProfile
+
+    config = CompressConfig(quantize="auto", device="host")
+    box = DeviceProfile("box", "", threads=1, budgets={"peak_rss_mb": 150, "model_size_kb": 300, "min_auc": 0.9})
+    onnx = _auto_candidate("onnx-float32", 0.8, 400_000, rss=201.0)  # fastest, over memory and size
+    dynamic = _auto_candidate("dynamic", 1.3, 100_000)
+    float32 = _auto_candidate("float32", 3.0, 250_000, auc_drop=0.0)
+    winner, reason = _auto_choice([onnx, dynamic, float32], config, box)
+    assert winner is dynamic and len(onnx["budgets_missed"]) == 2 and dynamic["budgets_missed"] == []
+    assert "of the formats that pass the accuracy guard and meet its budgets" in reason
+    assert "over the box budgets: onnx-float32 (peak_rss_mb 201MB is above the box budget of 150MB" in reason
+    # nothing fits: the fastest that passes the guard, and the reason says every one is over
+    tight = DeviceProfile("tight", "", threads=1, budgets={"peak_rss_mb": 10})
+    winner, reason = _auto_choice([onnx, dynamic, float32], config, tight)
+    assert winner is onnx and "all over the tight budgets" in reason and "meet its budgets" not in reason
 
 
 def test_auto_precision_times_the_candidates_in_turns(monkeypatch, tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import metrics as clinical
 from ..calibration import reliability
-from ..devices import DeviceProfile
+from ..devices import DeviceProfile, device_figures
 from ..outputs import decisions
 from ..precision import precision_label, precision_of_role
 from ..runtime.probe import summarize_latency
@@ -106,15 +106,10 @@ def summarize(
             "scores": scores.tolist(),
         }
         if item["deploy"]:
-            row["budgets_missed"] = device.check(
-                {
-                    "latency_p95_ms": latency["p95_ms"],
-                    "peak_rss_mb": probe["peak_rss_mb"],
-                    "model_size_kb": item["bytes"] / 1024,
-                    "min_auc": figures["auc"],
-                    "max_flips": flips,
-                }
+            measured = device_figures(
+                latency_p95_ms=latency["p95_ms"], peak_rss_mb=probe["peak_rss_mb"], model_bytes=item["bytes"]
             )
+            row["budgets_missed"] = device.check(measured | {"min_auc": figures["auc"], "max_flips": flips})
             missed += [f"{item['bundle']} {item['role']}: {m}" for m in row["budgets_missed"]]
         rows.append(row)
     _probability_shifts(rows)

@@ -30,7 +30,7 @@ from ..bundle import (
 from ..calibration import Calibration, fit_to_labels, fit_to_reference, logits_of, recalibrate
 from ..data import Augmentation, input_batches, recorded_dataset
 from ..data.cache import same_data
-from ..devices import DeviceProfile, load_profile
+from ..devices import DeviceProfile, device_figures, load_profile
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
@@ -859,7 +859,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         timings = _latency_rounds(bundles, inputs, profile, runs=config.auto_runs, rounds=config.auto_rounds)
     for candidate in candidates:
         candidate |= timings[candidate["precision"]]
-    winner, reason = _auto_choice(candidates, config, profile.name)
+    winner, reason = _auto_choice(candidates, config, profile)
     record = {"device": profile.to_dict(), "runs": config.auto_runs, "rounds": config.auto_rounds}
     record |= {"candidates": candidates, "not_measured": unavailable, "winner": winner["precision"], "reason": reason}
     model, scores, threshold = models[winner["precision"]]
@@ -895,8 +895,15 @@ def auto_candidates(profile: DeviceProfile) -> tuple[list[str], list[str]]:
     return formats, unavailable
 
 
-def _auto_choice(candidates: list[dict[str, Any]], config: CompressConfig, device: str) -> tuple[dict[str, Any], str]:
-    """The candidate ``--quantize auto`` deploys, and why; marks each candidate's ``passes_guard``."""
+def _auto_choice(
+    candidates: list[dict[str, Any]], config: CompressConfig, device: DeviceProfile
+) -> tuple[dict[str, Any], str]:
+    """The candidate ``--quantize auto`` deploys, and why; marks each candidate's ``passes_guard``
+    and the device budgets (latency, memory, size) it misses.
+
+    Of the candidates that pass the accuracy guard, those within the device's budgets compete; if
+    none is, all that pass the guard do (``edgedx bench`` then reports the budget missed).
+    """
     # A quantized candidate must keep the pipeline within its limits against the parent, unless the
     # float model it was converted from does not: then only its own AUC drop is held to the limit.
     float_within = not next(c for c in candidates if c["precision"] == "float32")["over_pipeline_limits"]
@@ -904,17 +911,26 @@ def _auto_choice(candidates: list[dict[str, Any]], config: CompressConfig, devic
         c["passes_guard"] = c["precision"] == "float32" or (
             c["val_auc_drop"] <= config.max_auc_drop and not (float_within and c["over_pipeline_limits"])
         )
-    winner, tied = _fastest_then_smallest([c for c in candidates if c["passes_guard"]])
+        c["budgets_missed"] = device.check(
+            device_figures(latency_p95_ms=c["p95_ms"], peak_rss_mb=c["peak_rss_mb"], model_bytes=c["bytes"])
+        )
+    passing = [c for c in candidates if c["passes_guard"]]
+    within_budgets = [c for c in passing if not c["budgets_missed"]]
+    winner, tied = _fastest_then_smallest(within_budgets or passing)
     ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
     refused = [_refusal(c, config) for c in candidates if not c["passes_guard"]]
+    pool = "the formats that pass the accuracy guard" + (" and meet its budgets" if within_budgets else "")
     choice = (
         f"{winner['precision']} is the smallest of {', '.join(c['precision'] for c in tied)}, which the fastest "
-        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {device}"
+        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {device.name}"
         if len(tied) > 1
-        else f"{winner['precision']} is the fastest on {device}"
+        else f"{winner['precision']} is the fastest on {device.name}"
     )
     refusals = f"; refused for accuracy: {', '.join(refused)}" if refused else ""
-    reason = f"{choice}, of the precisions that pass the accuracy guard (median latency: {ranked}){refusals}"
+    over = [f"{c['precision']} ({'; '.join(c['budgets_missed'])})" for c in passing if c["budgets_missed"]]
+    if over:
+        refusals += f"; {'over' if within_budgets else 'all over'} the {device.name} budgets: {', '.join(over)}"
+    reason = f"{choice}, of {pool} (median latency: {ranked}){refusals}"
     return winner, reason
 
 
