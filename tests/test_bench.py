@@ -63,6 +63,19 @@ def test_bench_measures_every_model_and_writes_the_report(bundles, tmp_path):
     assert json.loads((out / "bench.json").read_text())["rows"][3]["role"] == "tflite-int8"
 
 
+def test_bench_measures_an_onnx_model_on_onnx_runtime_without_tensorflow(bundles, tmp_path):
+    onnx = compress(bundles[0], tmp_path / "onnx", CompressConfig(quantize="onnx-float32")).bundle
+    result = bench([onnx.path], _device(tmp_path), runs=10, warmup=2, include_keras=False)
+    rows = {r["role"]: r for r in result.rows}
+    assert list(rows) == ["tflite-float32", "onnx-float32"] and rows["onnx-float32"]["deploy"]
+    measured = rows["onnx-float32"]
+    assert measured["precision"] == "float32 (ONNX Runtime)" and measured["device"]["backend"] == "onnxruntime"
+    assert measured["device"]["tensorflow_loaded"] is False
+    # the same network on two engines: no decision differs from LiteRT float32's (without Keras, the reference)
+    assert measured["clinical"]["flips"] == 0.0
+    assert measured["clinical"]["auc"] == pytest.approx(rows["tflite-float32"]["clinical"]["auc"], abs=1e-3)
+
+
 def test_int8_with_float_ops_is_not_called_full_int8():
     from edgedx.bench._report import precision_label
 
