@@ -145,14 +145,14 @@ class CompressResult:
 
 @dataclass(kw_only=True)
 class _Stage:
-    """The model as it leaves a step: a Keras model or a TFLite one, its threshold and scores."""
+    """The model as it leaves a step: a Keras model or a converted (TFLite or ONNX) one, its threshold and scores."""
 
     name: str
     keras_model: Any
     threshold: float | None
     scores: dict[str, np.ndarray]
     arch: ArchRecord  # name, width and kernel sparsity; its counts are filled in when written
-    tflite: ConvertedModel | None = None
+    converted: ConvertedModel | None = None  # a converted stage: the TFLite or ONNX model it deploys
     float32: ConvertedModel | None = None  # a Keras stage's float32 TFLite, converted once (size, deployment)
     notes: list[str] = field(default_factory=list)
     row: dict[str, Any] = field(default_factory=dict)  # the step report, filled in by _Run.stage
@@ -290,7 +290,7 @@ def _row(stage: _Stage, run: _Run, seconds: float) -> dict:
     from ..models import count_macs, count_parameters
 
     params, nonzero = count_parameters(stage.keras_model)
-    content = (stage.tflite or stage.float32).content
+    content = (stage.converted or stage.float32).content
     data, seed = run.data, run.config.seed
     measured = {
         s: clinical.evaluate(data.y[s], stage.scores[s], stage.threshold, resamples=200, seed=seed)
@@ -299,7 +299,7 @@ def _row(stage: _Stage, run: _Run, seconds: float) -> dict:
     flips = float(np.mean(decisions(stage.scores["test"], stage.threshold) != run.parent_decisions))
     return {
         "step": stage.name,
-        "format": role_of(stage.tflite.precision) if stage.tflite else "keras (size as float32 TFLite)",
+        "format": role_of(stage.converted.precision) if stage.converted else "keras (size as float32 TFLite)",
         "parameters": params,
         "nonzero_parameters": nonzero,
         "macs": count_macs(stage.keras_model),
@@ -385,7 +385,7 @@ class _Run:
         from .quantize import convert
 
         stage = _Stage(name=name, **fields)
-        if stage.tflite is None:
+        if stage.converted is None:
             stage.float32 = convert(stage.keras_model, "float32", sparse=_pruned(stage.arch))
         stage.row = _row(stage, self, time.perf_counter() - began)
         if self.on_step and name != "parent":
@@ -506,7 +506,7 @@ def compress(
             ):
                 if wanted:
                     stages.append(step(run, stages[-1]))
-        float_stage = next(s for s in reversed(stages) if s.tflite is None)
+        float_stage = next(s for s in reversed(stages) if s.converted is None)
         loss = _loss_against_parent(run, [s.row for s in stages])
         return _write(
             out,
@@ -734,7 +734,7 @@ def _quantize(run: _Run, current: _Stage) -> _Stage:
         threshold=_matching_threshold(scores["val"], current.scores["val"], current.threshold),
         scores=scores,
         arch=current.arch,
-        tflite=deploy,
+        converted=deploy,
         notes=notes,
     )
 
@@ -870,7 +870,7 @@ def _auto_precision(run: _Run, current: _Stage) -> _Stage:
         threshold=threshold,
         scores=scores,
         arch=current.arch,
-        tflite=model,
+        converted=model,
         notes=[reason, *unavailable],
         auto_precision=record,
     )
@@ -1031,7 +1031,7 @@ def _write(
 
     parent, manifest, config, prepared = run.parent, run.parent.manifest, run.config, run.data
     final, float_tflite = stages[-1], float_stage.float32
-    deploy = final.tflite or float_tflite
+    deploy = final.converted or float_tflite
     rows = [s.row for s in stages]
     float_model = float_stage.keras_model
     float_calibration, deploy_calibration = _calibrations(run, float_stage, final, deploy)
