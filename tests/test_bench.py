@@ -76,6 +76,20 @@ def test_bench_measures_an_onnx_model_on_onnx_runtime_without_tensorflow(bundles
     assert measured["clinical"]["auc"] == pytest.approx(rows["tflite-float32"]["clinical"]["auc"], abs=1e-3)
 
 
+def test_bench_notes_a_deployed_engine_only_where_the_profile_lacks_it():
+    from edgedx.bench._report import _engine_notes
+    from edgedx.devices import DeviceProfile
+
+    rows = [
+        {"bundle": "b", "role": "tflite-float32", "deploy": False},
+        {"bundle": "b", "role": "onnx-float32", "deploy": True},
+    ]
+    assert _engine_notes(rows, DeviceProfile("pc", "", threads=1, engines=("tflite", "onnx"))) == []
+    assert len(_engine_notes(rows, DeviceProfile("box", "", threads=1))) == 1
+    rows[1]["deploy"], rows[0]["deploy"] = False, True
+    assert _engine_notes(rows, DeviceProfile("box", "", threads=1)) == []
+
+
 def test_int8_with_float_ops_is_not_called_full_int8():
     from edgedx.bench._report import precision_label
 

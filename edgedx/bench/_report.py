@@ -18,7 +18,7 @@ from .. import metrics as clinical
 from ..calibration import reliability
 from ..devices import DeviceProfile, device_figures
 from ..outputs import decisions
-from ..precision import precision_label, precision_of_role
+from ..precision import ENGINES, precision_label, precision_of_role
 from ..runtime.probe import summarize_latency
 
 
@@ -113,7 +113,7 @@ def summarize(
             missed += [f"{item['bundle']} {item['role']}: {m}" for m in row["budgets_missed"]]
         rows.append(row)
     _probability_shifts(rows)
-    notes = _precision_notes(rows, device) + _where_notes(where)
+    notes = _engine_notes(rows, device) + _precision_notes(rows, device) + _where_notes(where)
     return BenchResult(device, rows, missed, notes, np.asarray(labels).tolist())
 
 
@@ -145,6 +145,19 @@ def _probability_shifts(rows: list[dict[str, Any]]) -> None:
             if precision_of_role(role) and role != "tflite-float32":
                 shift = np.abs(np.asarray(row["scores"]) - np.asarray(base["scores"]))
                 row["clinical"]["median_abs_dp_vs_float32"] = float(np.median(shift))
+
+
+def _engine_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str]:
+    """Say where a deployed model runs on an engine the device profile does not list."""
+    notes = []
+    for row in rows:
+        precision = precision_of_role(row["role"])
+        if row["deploy"] and precision and precision.engine not in device.engines:
+            notes.append(
+                f"{row['bundle']} deploys {row['role']}, but the {device.name} profile lists no {precision.engine} "
+                f"engine: that box needs {ENGINES[precision.engine][1]} installed (measured here with it)"
+            )
+    return notes
 
 
 def _precision_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str]:
