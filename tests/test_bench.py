@@ -90,6 +90,19 @@ def test_bench_notes_a_deployed_engine_only_where_the_profile_lacks_it():
     assert _engine_notes(rows, DeviceProfile("box", "", threads=1)) == []
 
 
+def test_bench_calls_a_model_slower_than_float32_only_beyond_a_tie():
+    from edgedx.bench._report import _precision_notes
+    from edgedx.devices import DeviceProfile
+
+    def row(role, p50):
+        return {"bundle": "b", "role": role, "precision": role, "device": {"p50_ms": p50}}
+
+    box = DeviceProfile("box", "", threads=1)
+    assert _precision_notes([row("tflite-float32", 0.870), row("onnx-float32", 0.874)], box) == []
+    (note,) = _precision_notes([row("tflite-float32", 0.50), row("onnx-float32", 0.83)], box)
+    assert "onnx-float32 is slower than float32 on box (p50 0.83 ms vs 0.50 ms)" in note
+
+
 def test_int8_with_float_ops_is_not_called_full_int8():
     from edgedx.bench._report import precision_label
 

@@ -11,12 +11,12 @@ from conftest import needs_tf
 
 from edgedx.bundle import MANIFEST, read_bundle
 from edgedx.compress import CompressConfig, compress
-from edgedx.compress._pipeline import LATENCY_TIE
 from edgedx.data import load_dataset, recorded_dataset
 from edgedx.errors import CompressionRefused, ConfigError
 from edgedx.precision import role_of
 from edgedx.preprocess import to_model_inputs
 from edgedx.runtime import Model
+from edgedx.runtime.probe import LATENCY_TIE
 from edgedx.train import TrainConfig, train
 
 pytestmark = [pytest.mark.tf, needs_tf]

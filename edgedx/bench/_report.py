@@ -19,7 +19,7 @@ from ..calibration import reliability
 from ..devices import DeviceProfile, device_figures
 from ..outputs import decisions
 from ..precision import ENGINES, precision_label, precision_of_role
-from ..runtime.probe import summarize_latency
+from ..runtime.probe import LATENCY_TIE, summarize_latency
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,8 @@ def _engine_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str
 
 
 def _precision_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str]:
-    """Say where a deployable model is slower than LiteRT float32 on this device, and name the fastest."""
+    """Say where a deployable model is slower than LiteRT float32 on this device (by more than a tie),
+    and name the fastest."""
     notes = []
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
         deployable = {r["role"]: r for r in rows if r["bundle"] == bundle and precision_of_role(r["role"])}
@@ -171,7 +172,7 @@ def _precision_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[
         base = deployable["tflite-float32"]["device"]["p50_ms"]
         for role, row in deployable.items():
             p50 = row["device"]["p50_ms"]
-            if role != "tflite-float32" and p50 > base:
+            if role != "tflite-float32" and p50 > base * (1 + LATENCY_TIE):
                 notes.append(
                     f"{bundle}: {row['precision']} is slower than float32 on {device.name} "
                     f"(p50 {p50:.2f} ms vs {base:.2f} ms); the fastest here is {fastest['precision']} "

@@ -34,7 +34,7 @@ from ..devices import DeviceProfile, device_figures, load_profile
 from ..errors import CompressionRefused, ConfigError
 from ..outputs import decisions, probabilities
 from ..precision import KERAS_ROLE, PRECISIONS, QUANTIZE_CHOICES, role_of
-from ..runtime.probe import LATENCY_SAMPLE, run_probe, summarize_latency
+from ..runtime.probe import LATENCY_SAMPLE, LATENCY_TIE, run_probe, summarize_latency
 from ..train import EpochFn, PreparedData, ProgressFn, TrainConfig, fit, predict_scores, prepare_data
 from .prune import DISTRIBUTIONS, STRUCTURES, kernel_sparsity
 from .quantize import ConvertedModel
@@ -52,9 +52,6 @@ DISTILL_EPOCHS_PER_TEACHER_EPOCH = {"teacher": 1, "scratch": 2}
 STUDENT_INITS = ("teacher", "scratch")
 #: Training inputs the teacher's channels are ranked on when a student inherits them.
 INHERIT_SAMPLES = 256
-#: --quantize auto: a candidate within this fraction of the fastest's median in any round is tied
-#: with it; ties are broken by size.
-LATENCY_TIE = 0.05
 #: The --target-kb frontier plot, in the bundle.
 FRONTIER_FILE = "frontier.png"
 #: Called with each step's report row as the step ends.

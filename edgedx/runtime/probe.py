@@ -33,6 +33,9 @@ PredictFn = Callable[[np.ndarray], np.ndarray]
 INPUT_CHUNK = 256
 #: Distinct inputs the timed single-image calls cycle through.
 LATENCY_SAMPLE = 64
+#: Latencies within this fraction of each other are a tie on a shared machine: --quantize auto
+#: breaks such ties by size, and bench does not call the slower one slower.
+LATENCY_TIE = 0.05
 
 
 class NpyRows:
