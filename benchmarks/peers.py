@@ -139,9 +139,18 @@ def main() -> None:
 
     keras_model = keras.models.load_model(bundle.model_path("keras"), compile=False)
     precisions = [p for p in ("float32", "int8") if f"tflite-{p}" in bundle.manifest.models]
-    runtime = {p: Model.load(bundle, role=f"tflite-{p}", threads=args.threads) for p in precisions}
     deployed = Model.load(bundle, threads=args.threads)
+    # the runtime on float32 and int8 too, unless that is the deployed model's row already
+    runtime = {
+        p: Model.load(bundle, role=f"tflite-{p}", threads=args.threads)
+        for p in precisions
+        if f"tflite-{p}" != deployed.role
+    }
     deployed_name = f"edgedx runtime deployed ({deployed.role})"
+
+    def runtime_row(precision: str) -> str:
+        return deployed_name if f"tflite-{precision}" == deployed.role else f"edgedx runtime {precision}"
+
     backend = load_backend()
     bare = {}
     for p in precisions:
@@ -217,7 +226,7 @@ def main() -> None:
         common = {"bundle": bundle.path, "inputs": inputs, "threads": args.threads, "runs": 20, "warmup": 2}
         runtime_deployed = run_probe("edgedx.runtime.probe", role=deployed.role, **common)
         processes = {f"edgedx runtime {deployed.role} (no TensorFlow)": runtime_deployed}
-        if "int8" in runtime:
+        if "int8" in precisions:
             started = time.time()
             done = subprocess.run(
                 [
@@ -247,12 +256,11 @@ def main() -> None:
     }
 
     overhead = {
-        p: rows[f"edgedx runtime {p}"]["median_ms"] / rows[f"bare LiteRT invoke {p}"]["median_ms"] - 1
-        for p in precisions
+        p: rows[runtime_row(p)]["median_ms"] / rows[f"bare LiteRT invoke {p}"]["median_ms"] - 1 for p in precisions
     }
-    if "int8" in runtime:
+    if "int8" in precisions:
         overhead["int8 vs quantize + invoke"] = (
-            rows["edgedx runtime int8"]["median_ms"] / rows["bare LiteRT quantize + invoke int8"]["median_ms"] - 1
+            rows[runtime_row("int8")]["median_ms"] / rows["bare LiteRT quantize + invoke int8"]["median_ms"] - 1
         )
     fastest = min(inference, key=lambda name: inference[name]["median_ms"])
     result = {
