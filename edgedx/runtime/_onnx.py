@@ -35,10 +35,6 @@ def _onnxruntime() -> Any:
         raise BackendUnavailable(f"ONNX Runtime is installed but fails to import ({exc})") from None
 
 
-def onnxruntime_available() -> bool:
-    return importlib.util.find_spec(BACKEND) is not None
-
-
 class OnnxRunner:
     """One float32 ONNX model in an ONNX Runtime session, on the CPU.
 

@@ -21,7 +21,7 @@ from ..data.dicom import image_from_dataset, read_dataset
 from ..errors import BundleError, DataError
 from ..guard import GuardResult, Scope
 from ..outputs import decisions, probabilities
-from ..precision import deployed_role, precision_of_role
+from ..precision import PRECISIONS, deployed_role, precision_of_role
 from ..preprocess import PreprocessSpec, to_model_input
 from ._backends import Backend, BackendUnavailable, load_backend
 
@@ -185,8 +185,6 @@ def open_runner(
     ``backend`` chooses the TFLite interpreter (``litert`` or ``tflite-runtime``); ONNX models run
     on ONNX Runtime, the only backend of that engine.
     """
-    from ..precision import PRECISIONS
-
     if PRECISIONS[precision].engine == "onnx":
         from ._onnx import BACKEND, OnnxRunner
 
