@@ -669,3 +669,21 @@ def test_a_student_to_be_pruned_is_sized_by_the_parameters_it_deploys():
     assert count_parameters(pruned)[0] > budget >= deployed(pruned) > count_parameters(pruned)[0] * 0.45
     wider = distill.WIDTHS[distill.WIDTHS.index(pruned_width) - 1]
     assert deployed(create_model("resnet-small", (16, 16, 3), 2, width=wider)) > budget
+
+
+@pytest.mark.parametrize("arch", ["seed-cnn", "resnet-small", "mobilenetv2"])
+@pytest.mark.parametrize(("classes", "multilabel"), [(2, False), (4, False), (3, True)])
+def test_every_architecture_exports_to_onnx_that_runs_as_keras_does(arch, classes, multilabel, tmp_path):
+    from edgedx.compress.quantize import convert
+    from edgedx.models import create_model
+    from edgedx.runtime import open_runner
+
+    model = create_model(arch, (32, 32, 3), classes, multilabel=multilabel)
+    exported = convert(model, "onnx-float32")
+    path = tmp_path / "model.onnx"
+    path.write_bytes(exported.content)
+    runner = open_runner(path, "onnx-float32", input_record=exported.input, output_record=exported.output)
+    x = np.random.default_rng(0).random((5, 32, 32, 3), np.float32)
+    expected = model(x, training=False).numpy()
+    assert expected.shape == (5, 1 if classes == 2 and not multilabel else classes)
+    np.testing.assert_allclose(runner.logits(x), expected, atol=1e-5)
