@@ -429,6 +429,29 @@ def test_onnx_float32_bundle_runs_on_onnx_runtime_without_tensorflow(parent, tmp
     _runs_without_tensorflow(bundle.path, backend="onnxruntime")
 
 
+def test_the_daemon_serves_an_onnx_bundle_on_onnx_runtime(parent, tmp_path):
+    """edgedx serve loads an ONNX bundle on ONNX Runtime and answers as the runtime does."""
+    import io
+
+    import httpx
+
+    from edgedx.serve import ServeConfig, Service
+
+    bundle = compress(parent.path, tmp_path / "onnx", CompressConfig(quantize="onnx-float32")).bundle
+    config = ServeConfig(bundle=bundle.path, out=tmp_path / "out", http_port=0, workers=1)
+    image = np.random.default_rng(0).uniform(0, 60, (64, 64)).astype(np.float32)  # the daemon takes >= 32 a side
+    with Service(config) as service:
+        url = f"http://127.0.0.1:{service.http.port}"
+        array = io.BytesIO()
+        np.save(array, image)
+        answer = httpx.post(f"{url}/v1/predict", content=array.getvalue(), timeout=30)
+        assert answer.status_code == 200, answer.text
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'role="onnx-float32"' in metrics and 'backend="onnxruntime"' in metrics
+    expected = Model.load(bundle.path).predict(image)
+    assert answer.json()["probability"] == pytest.approx(float(expected.probabilities), abs=1e-6)
+
+
 def test_auto_measures_only_the_engines_the_device_has_and_this_machine_can_run(monkeypatch):
     import importlib.util
 
