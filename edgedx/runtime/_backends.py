@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from .._quiet import native_logs_hidden
@@ -56,18 +57,25 @@ def available_backends() -> list[str]:
     return [name for name, (module, _) in BACKENDS.items() if importlib.util.find_spec(module.split(".")[0])]
 
 
+def import_installed(label: str, module: str) -> ModuleType | None:
+    """An engine's module, or None when its package is not installed; one that fails to import is an error."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        return None
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise BackendUnavailable(f"the {label} backend is installed but fails to import ({exc})") from None
+
+
 def load_backend(name: str | None = None) -> Backend:
     """The named backend, or the first installed one of :data:`BACKENDS`."""
     if name is not None and name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     for label in [name] if name else list(BACKENDS):
         module, attr = BACKENDS[label]
-        if importlib.util.find_spec(module.split(".")[0]) is None:
-            continue
-        try:
-            return Backend(label, getattr(importlib.import_module(module), attr))
-        except ImportError as exc:
-            raise BackendUnavailable(f"the {label} backend is installed but fails to import ({exc})") from None
+        imported = import_installed(label, module)
+        if imported is not None:
+            return Backend(label, getattr(imported, attr))
     wanted = [name] if name else list(BACKENDS)
     raise BackendUnavailable(
         "no TFLite interpreter found; install one: " + " or ".join(INSTALL_HINT[w] for w in wanted)

@@ -7,16 +7,15 @@ can deploy an ONNX model where it measures faster. Imported only when such a mod
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
 import numpy as np
 
 from ..bundle import TensorRecord
-from ..errors import BundleError, DataError
-from ._backends import BackendUnavailable
+from ..errors import BundleError
+from ._backends import BackendUnavailable, import_installed
+from .model import input_batch
 
 BACKEND = "onnxruntime"
 INSTALL_HINT = "pip install onnxruntime (or: pip install 'edgedx[onnx]')"
@@ -26,13 +25,11 @@ INSTALL_HINT = "pip install onnxruntime (or: pip install 'edgedx[onnx]')"
 BATCH = 8
 
 
-def _onnxruntime() -> Any:
-    if importlib.util.find_spec(BACKEND) is None:
+def _onnxruntime() -> ModuleType:
+    ort = import_installed(BACKEND, BACKEND)
+    if ort is None:
         raise BackendUnavailable(f"this bundle deploys an ONNX model and ONNX Runtime is not installed; {INSTALL_HINT}")
-    try:
-        return importlib.import_module(BACKEND)
-    except ImportError as exc:
-        raise BackendUnavailable(f"ONNX Runtime is installed but fails to import ({exc})") from None
+    return ort
 
 
 class OnnxRunner:
@@ -80,11 +77,7 @@ class OnnxRunner:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed inputs float32 (N, S, S, C) -> raw model outputs (N, outputs)."""
-        x = np.asarray(x, np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        if x.shape[1:] != self._input_shape[1:]:
-            raise DataError(f"input has shape {x.shape[1:]}, the model takes {self._input_shape[1:]}")
+        x = input_batch(x, self._input_shape)
         out = np.empty((len(x), self._outputs), np.float32)
         run, name = self._session.run, self._in.name
         for i in range(0, len(x), BATCH):

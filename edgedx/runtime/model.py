@@ -76,6 +76,16 @@ class _Quantization:
         return self.dtype.kind in "iu" and self.scale > 0
 
 
+def input_batch(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """Preprocessed inputs as the float32 batch (N, S, S, C) a runner takes; one (S, S, C) input is a batch of one."""
+    x = np.asarray(x, np.float32)
+    if x.ndim == 3:
+        x = x[None]
+    if x.shape[1:] != tuple(input_shape[1:]):
+        raise DataError(f"input has shape {x.shape[1:]}, the model takes {tuple(input_shape[1:])}")
+    return x
+
+
 class TFLiteRunner:
     """One TFLite model in an interpreter: quantises inputs and dequantises outputs as recorded.
 
@@ -122,11 +132,7 @@ class TFLiteRunner:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed inputs float32 (N, S, S, C) -> raw model outputs (N, outputs), dequantised."""
-        x = np.asarray(x, np.float32)
-        if x.ndim == 3:
-            x = x[None]
-        if x.shape[1:] != self.input_shape[1:]:
-            raise DataError(f"input has shape {x.shape[1:]}, the model takes {self.input_shape[1:]}")
+        x = input_batch(x, self.input_shape)
         out = np.empty((len(x), int(self._out["shape"][-1])), np.float32)
         interpreter, in_index, out_index = self._interpreter, self._in["index"], self._out["index"]
         for i in range(len(x)):
