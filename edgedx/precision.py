@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-#: Engine -> (the file suffix of its models, how reports name it).
-ENGINES: dict[str, tuple[str, str]] = {"tflite": (".tflite", "LiteRT"), "onnx": (".onnx", "ONNX Runtime")}
+
+class Engine(NamedTuple):
+    suffix: str  # of its model files
+    label: str  # how reports name it
+
+
+ENGINES: dict[str, Engine] = {"tflite": Engine(".tflite", "LiteRT"), "onnx": Engine(".onnx", "ONNX Runtime")}
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,7 @@ class Precision:
     @property
     def suffix(self) -> str:
         """The file suffix of a model in this format."""
-        return ENGINES[self.engine][0]
+        return ENGINES[self.engine].suffix
 
 
 #: LiteRT smallest first (the order the runtime falls back in when a bundle names no deployed

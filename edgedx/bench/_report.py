@@ -155,7 +155,7 @@ def _engine_notes(rows: list[dict[str, Any]], device: DeviceProfile) -> list[str
         if row["deploy"] and precision and precision.engine not in device.engines:
             notes.append(
                 f"{row['bundle']} deploys {row['role']}, but the {device.name} profile lists no {precision.engine} "
-                f"engine: that box needs {ENGINES[precision.engine][1]} installed (measured here with it)"
+                f"engine: that box needs {ENGINES[precision.engine].label} installed (measured here with it)"
             )
     return notes
 
