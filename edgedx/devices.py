@@ -3,7 +3,8 @@
 A profile is a TOML file named after the device (``devices/console-2core.toml``)::
 
     description = "Scanner console PC"
-    threads = 2               # interpreter threads
+    workers = 2               # inference workers the daemon runs there (default 1), timed all at once
+    threads = 1               # interpreter threads per worker
     cpu_affinity = [0, 1]     # CPUs the measuring process may use; [] for any
     memory_limit_mb = 1024    # address-space cap of the measuring process; 0 for none
     engines = ["tflite", "onnx"]  # runtimes installed there (default ["tflite"]: the base install)
@@ -44,7 +45,7 @@ BUDGETS: dict[str, tuple[str, bool]] = {
     "min_auc": ("", False),
     "max_flips": ("", True),
 }
-_FIELDS = {"description", "threads", "cpu_affinity", "memory_limit_mb", "engines", "budgets"}
+_FIELDS = {"description", "workers", "threads", "cpu_affinity", "memory_limit_mb", "engines", "budgets"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class DeviceProfile:
     budgets: dict[str, float] = field(default_factory=dict)
     path: str | None = None
     engines: tuple[str, ...] = ("tflite",)  # what `compress --quantize auto` may deploy for this device
+    workers: int = 1  # `edgedx serve --device` runs this many workers of ``threads`` threads each
+
+    @property
+    def regime(self) -> str:
+        """How a model runs there, for reports: ``2 workers x 1 thread``."""
+        return f"{self.workers} worker{'s' * (self.workers > 1)} x {self.threads} thread{'s' * (self.threads > 1)}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"cpu_affinity": list(self.cpu_affinity), "engines": list(self.engines)}
@@ -101,9 +108,10 @@ def parse_profile(name: str, data: dict[str, Any], source: str = "<profile>") ->
         raise ConfigError(
             f"{source}: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_FIELDS))}"
         )
-    threads = data.get("threads")
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise ConfigError(f"{source}: threads must be a whole number >= 1, got {threads!r}")
+    threads, workers = data.get("threads"), data.get("workers", 1)
+    for key, value in (("threads", threads), ("workers", workers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{source}: {key} must be a whole number >= 1, got {value!r}")
     affinity = data.get("cpu_affinity", [])
     if not isinstance(affinity, list) or not all(isinstance(c, int) and c >= 0 for c in affinity):
         raise ConfigError(f"{source}: cpu_affinity must be a list of CPU numbers, got {affinity!r}")
@@ -130,6 +138,7 @@ def parse_profile(name: str, data: dict[str, Any], source: str = "<profile>") ->
         budgets={k: float(v) for k, v in budgets.items()},
         path=source,
         engines=tuple(dict.fromkeys(engines)),
+        workers=workers,
     )
 
 

@@ -30,8 +30,9 @@ def bundles(tiny_npz, tmp_path_factory):
     return parent.bundle.path, small.bundle.path
 
 
-def _device(tmp_path, **budgets) -> str:
-    lines = ['description = "test box"', "threads = 1", "cpu_affinity = [0]", "memory_limit_mb = 2048", "[budgets]"]
+def _device(tmp_path, workers: int = 1, **budgets) -> str:
+    lines = ['description = "test box"', f"workers = {workers}", "threads = 1", "cpu_affinity = [0]"]
+    lines += ["memory_limit_mb = 2048", "[budgets]"]
     lines += [f"{k} = {v}" for k, v in budgets.items()]
     path = tmp_path / "testbox.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -61,6 +62,17 @@ def test_bench_measures_every_model_and_writes_the_report(bundles, tmp_path):
     report = (out / "report.md").read_text()
     assert "full int8" in report and "every deployed model meets every budget" in report
     assert json.loads((out / "bench.json").read_text())["rows"][3]["role"] == "tflite-int8"
+
+
+def test_bench_times_the_profiles_workers_at_once(bundles, tmp_path):
+    """A profile of two workers: each model is loaded twice in its probe and both are timed at once,
+    as `edgedx serve --device` runs them."""
+    out = tmp_path / "report"
+    result = bench([bundles[1]], _device(tmp_path, workers=2), runs=10, warmup=2, out=out)
+    for row in result.rows:
+        assert (row["device"]["workers"], row["device"]["threads"]) == (2, 1)
+        assert len(row["latency_ms"]) == 2 * 10
+    assert "2 workers x 1 thread (timed at once)" in (out / "report.md").read_text()
 
 
 def test_bench_measures_an_onnx_model_on_onnx_runtime_without_tensorflow(bundles, tmp_path):

@@ -648,11 +648,12 @@ def test_auto_precision_times_the_candidates_in_turns(monkeypatch, tmp_path):
     from edgedx.compress import _pipeline
     from edgedx.devices import load_profile
 
-    calls = []
+    calls, regimes = [], set()
     latency = {"tflite-float32": 3.0, "tflite-dynamic": 1.0, "tflite-int8": 1.1}
 
-    def fake_probe(module, *, bundle, role, runs, **limits):
+    def fake_probe(module, *, bundle, role, runs, workers, threads, **limits):
         calls.append(role)
+        regimes.add((workers, threads))
         return {"latency_ms": [latency[role] + 0.01 * len(calls)] * runs, "peak_rss_mb": 50.0 + len(calls)}
 
     monkeypatch.setattr(_pipeline, "run_probe", fake_probe)
@@ -660,6 +661,7 @@ def test_auto_precision_times_the_candidates_in_turns(monkeypatch, tmp_path):
     timings = _pipeline._latency_rounds(bundles, tmp_path / "x.npy", load_profile("host"), runs=5, rounds=3)
     order = ["float32", "dynamic", "int8", "dynamic", "int8", "float32", "int8", "float32", "dynamic"]
     assert calls == [f"tflite-{name}" for name in order]
+    assert regimes == {(2, 1)}  # host's workers x threads, as `edgedx serve` runs them
     assert timings["int8"]["round_p50_ms"] == [1.13, 1.15, 1.17]
     assert timings["int8"]["p50_ms"] == 1.15 and timings["int8"]["peak_rss_mb"] == 57.0
 

@@ -27,6 +27,20 @@ def test_dropped_in_profile_is_found(tmp_path, monkeypatch):
     assert profile.engines == ("tflite",)  # unless a profile says so, a device has the base install only
 
 
+def test_profiles_say_how_the_daemon_runs_there():
+    """Workers x threads as `edgedx serve` runs them: bench and --quantize auto time that regime."""
+    assert (load_profile("host").workers, load_profile("host").threads) == (2, 1)  # serve's defaults
+    assert (load_profile("console-2core").workers, load_profile("console-2core").threads) == (2, 1)
+    edge = load_profile("edge-1core")
+    assert (edge.workers, edge.threads, edge.regime) == (1, 1, "1 worker x 1 thread")
+    assert load_profile("host").regime == "2 workers x 1 thread"
+
+
+def test_a_profile_without_workers_has_one(tmp_path):
+    (tmp_path / "box.toml").write_text("threads = 4\n")
+    assert load_profile(tmp_path / "box.toml").workers == 1
+
+
 def test_profiles_name_the_engines_their_device_runs():
     assert load_profile("host").engines == ("tflite", "onnx")
     assert load_profile("console-2core").engines == ("tflite", "onnx")
@@ -37,6 +51,8 @@ def test_profiles_name_the_engines_their_device_runs():
     ("text", "message"),
     [
         ("threads = 0", "threads must be a whole number >= 1"),
+        ("threads = 1\nworkers = 0", "workers must be a whole number >= 1"),
+        ("threads = 1\nworkers = true", "workers must be a whole number >= 1"),
         ("threads = 2\ncpu_affinity = 'all'", "cpu_affinity must be a list"),
         ("threads = 2\nmemory_limit_mb = -5", "memory_limit_mb must be"),
         ("threads = 2\ncolour = 'red'", "unknown field.*colour"),

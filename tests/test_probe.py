@@ -49,7 +49,35 @@ def test_measure_predicts_every_input_once_in_order_a_chunk_at_a_time(tmp_path, 
         chunk_sizes.append(len(x))
         return x.reshape(len(x), -1).sum(axis=1)
 
-    result = probe.measure(lambda x: x.sum(), predict_all, probe.NpyRows(tmp_path / "x.npy"), runs=5, warmup=2)
+    result = probe.measure([lambda x: x.sum()], predict_all, probe.NpyRows(tmp_path / "x.npy"), runs=5, warmup=2)
     np.testing.assert_allclose(result["probabilities"], array.reshape(10, -1).sum(axis=1), rtol=1e-6)
     assert chunk_sizes == [3, 3, 3, 1]
     assert len(result["latency_ms"]) == 5
+
+
+def test_measure_times_every_worker_at_once(tmp_path):
+    """Two workers' timed calls overlap, as the daemon's workers do when slices queue up: each
+    worker's first timed call waits for the other's (a barrier that only concurrent calls pass)."""
+    import threading
+
+    from edgedx.runtime import probe
+
+    np.save(tmp_path / "x.npy", np.zeros((4, 2, 2, 1), np.float32))
+    both_running = threading.Barrier(2, timeout=10)
+    calls = {"a": 0, "b": 0}
+
+    def worker(name, first_timed_call):
+        def predict_one(x):
+            calls[name] += 1
+            if calls[name] == first_timed_call:
+                both_running.wait()
+            return x.sum()
+
+        return predict_one
+
+    # worker a also makes the first-prediction call; then each makes 2 warm-up calls
+    a, b = worker("a", first_timed_call=1 + 2 + 1), worker("b", first_timed_call=2 + 1)
+    result = probe.measure([a, b], lambda x: x.sum(axis=(1, 2, 3)), probe.NpyRows(tmp_path / "x.npy"), runs=6, warmup=2)
+    assert not both_running.broken
+    assert len(result["latency_ms"]) == 12  # every worker's calls
+    assert calls == {"a": 1 + 2 + 6, "b": 2 + 6}

@@ -154,6 +154,7 @@ def bench(
                 role=item["role"],
                 inputs=files[item["bundle_path"]],
                 threads=profile.threads,
+                workers=profile.workers,
                 cpu_affinity=profile.cpu_affinity,
                 # the cap is for the device's runtime; TensorFlow reserves far more address space
                 memory_limit_mb=profile.memory_limit_mb if item["role"] != "keras" else 0,
@@ -264,6 +265,7 @@ for n, item in enumerate(kit["models"], 1):
         role=item["role"],
         inputs=kit_dir / item["inputs"],
         threads=device["threads"],
+        workers=device.get("workers", 1),  # kits written before profiles had workers
         cpu_affinity=device["cpu_affinity"],
         memory_limit_mb=device["memory_limit_mb"],
         runs=kit["runs"],
@@ -380,4 +382,5 @@ def import_results(results_file: Path | str, out: Path | str | None = None) -> B
 
 
 def _profile_fields(device: dict[str, Any]) -> dict[str, Any]:
-    return {k: device[k] for k in ("description", "threads", "cpu_affinity", "memory_limit_mb", "budgets")}
+    fields = ("description", "workers", "threads", "cpu_affinity", "memory_limit_mb", "budgets")
+    return {k: device[k] for k in fields if k in device}  # a kit from before profiles had workers: 1

@@ -98,6 +98,7 @@ def summarize(
                 "macs": item["macs"],
                 "gmac_per_s": item["macs"] / (latency["p50_ms"] / 1000) / 1e9 if item["macs"] else None,
                 "backend": probe["backend"],
+                "workers": probe.get("workers", 1),
                 "threads": probe["threads"],
                 "tensorflow_loaded": probe["tensorflow_loaded"],
                 "notes": probe.get("notes", []),
@@ -194,7 +195,7 @@ def write_report(result: BenchResult, out: Path) -> BenchResult:
     lines = [
         f"# edgedx bench on `{result.device.name}`",
         "",
-        f"{result.device.description}: {result.device.threads} thread(s), CPUs "
+        f"{result.device.description}: {result.device.regime} (timed at once), CPUs "
         f"{list(result.device.cpu_affinity) or 'any'}, memory cap "
         f"{result.device.memory_limit_mb or 'none'} MB. Budgets: "
         + (", ".join(f"{k} {v:g}" for k, v in result.device.budgets.items()) or "none"),

@@ -14,7 +14,8 @@ import numpy as np
 from ..runtime.probe import NpyRows, measure, probe_main
 
 
-def probe_keras(bundle: str, role: str, inputs: NpyRows, threads: int, runs: int, warmup: int) -> dict:
+def probe_keras(bundle: str, role: str, inputs: NpyRows, *, threads: int, workers: int, runs: int, warmup: int) -> dict:
+    """The Keras model, called by ``workers`` threads at once (one model: Keras calls are thread-safe)."""
     from .._tf import keras, tf
     from ..bundle import read_bundle
     from ..outputs import probabilities
@@ -33,7 +34,7 @@ def probe_keras(bundle: str, role: str, inputs: NpyRows, threads: int, runs: int
     def every(x: np.ndarray) -> np.ndarray:
         return probabilities(model.predict(x, batch_size=64, verbose=0), activation, calibration)
 
-    return measure(one, every, inputs, runs, warmup) | {"load_seconds": load_seconds, "backend": "tf_keras"}
+    return measure([one] * workers, every, inputs, runs, warmup) | {"load_seconds": load_seconds, "backend": "tf_keras"}
 
 
 if __name__ == "__main__":

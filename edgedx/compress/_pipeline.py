@@ -917,11 +917,12 @@ def _auto_choice(
     ranked = ", ".join(f"{c['precision']} {c['p50_ms']:.3f} ms" for c in sorted(candidates, key=lambda c: c["p50_ms"]))
     refused = [_refusal(c, config) for c in candidates if not c["passes_guard"]]
     pool = "the formats that pass the accuracy guard" + (" and meet its budgets" if within_budgets else "")
+    where = f"{device.name} ({device.regime})"
     choice = (
         f"{winner['precision']} is the smallest of {', '.join(c['precision'] for c in tied)}, which the fastest "
-        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {device.name}"
+        f"did not beat by more than {LATENCY_TIE:.0%} in all {config.auto_rounds} rounds on {where}"
         if len(tied) > 1
-        else f"{winner['precision']} is the fastest on {device.name}"
+        else f"{winner['precision']} is the fastest on {where}"
     )
     refusals = f"; refused for accuracy: {', '.join(refused)}" if refused else ""
     over = [f"{c['precision']} ({'; '.join(c['budgets_missed'])})" for c in passing if c["budgets_missed"]]
@@ -981,6 +982,7 @@ def _latency_rounds(
                 role=role_of(name),
                 inputs=inputs,
                 threads=profile.threads,
+                workers=profile.workers,
                 cpu_affinity=profile.cpu_affinity,
                 memory_limit_mb=profile.memory_limit_mb,
                 runs=runs,

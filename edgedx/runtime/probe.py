@@ -1,10 +1,11 @@
 """Measure one model as a device would run it, in a process of its own.
 
-``python -m edgedx.runtime.probe`` loads a bundle's TFLite model with the runtime, limited as a
-device profile says (CPU affinity, address-space cap, interpreter threads), predicts every input
-once (the probabilities the clinical figures are computed from), then times single-image
-predictions (preprocessed input -> probabilities, the way the daemon calls the model), and prints
-one JSON object. The process imports no TensorFlow, and says so in its output.
+``python -m edgedx.runtime.probe`` loads a bundle's deployed model with the runtime, limited as a
+device profile says (CPU affinity, address-space cap, inference workers and interpreter threads
+per worker), predicts every input once (the probabilities the clinical figures are computed
+from), then times single-image predictions (preprocessed input -> probabilities, the way the
+daemon's workers call the model, all workers at once), and prints one JSON object. The process
+imports no TensorFlow, and says so in its output.
 
 :func:`run_probe` starts such a process and returns its figures; ``edgedx bench`` and the offline
 kit both use it. :func:`measure` is the timing loop, shared with the Keras probe of ``edgedx bench``.
@@ -18,8 +19,10 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -98,31 +101,50 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
-def measure(predict_one: PredictFn, predict_all: PredictFn, inputs: NpyRows, runs: int, warmup: int) -> dict:
+def measure(workers: Sequence[PredictFn], predict_all: PredictFn, inputs: NpyRows, runs: int, warmup: int) -> dict:
     """Probabilities for every input, ``INPUT_CHUNK`` at a time, then ``warmup`` untimed and ``runs``
-    timed one-image calls over the first ``LATENCY_SAMPLE`` inputs."""
+    timed one-image calls per worker over the first ``LATENCY_SAMPLE`` inputs.
+
+    ``workers`` holds one single-image predict per inference worker. They are timed all at once,
+    one thread each, as ``edgedx serve`` runs them when slices queue up: each call's latency is
+    what it takes while the other workers run too, and throughput counts every worker's calls.
+    """
     sample = inputs.rows(0, LATENCY_SAMPLE)
     began = time.perf_counter()
-    predict_one(sample[:1])
+    workers[0](sample[:1])
     first_prediction = time.time()
     first_seconds = time.perf_counter() - began
     scores = np.concatenate(
         [np.asarray(predict_all(inputs.rows(i, i + INPUT_CHUNK))) for i in range(0, len(inputs), INPUT_CHUNK)]
     )
-    for i in range(warmup):
-        predict_one(sample[i % len(sample) : i % len(sample) + 1])
-    latencies = np.empty(runs)
-    for i in range(runs):
-        x = sample[i % len(sample) : i % len(sample) + 1]
-        t = time.perf_counter()
-        predict_one(x)
-        latencies[i] = time.perf_counter() - t
+    for predict_one in workers:
+        for i in range(warmup):
+            predict_one(sample[i % len(sample) : i % len(sample) + 1])
+    start = threading.Barrier(len(workers))
+
+    def timed_calls(predict_one: PredictFn) -> np.ndarray:
+        latencies = np.empty(runs)
+        start.wait()
+        for i in range(runs):
+            x = sample[i % len(sample) : i % len(sample) + 1]
+            t = time.perf_counter()
+            predict_one(x)
+            latencies[i] = time.perf_counter() - t
+        return latencies
+
+    began = time.perf_counter()
+    if len(workers) == 1:
+        latencies = timed_calls(workers[0])
+    else:
+        with ThreadPoolExecutor(len(workers)) as pool:
+            latencies = np.concatenate(list(pool.map(timed_calls, workers)))
+    wall = time.perf_counter() - began
     return {
         "probabilities": np.asarray(scores, np.float64).tolist(),
         "first_prediction_unix": first_prediction,
         "first_prediction_seconds": first_seconds,
         "latency_ms": (latencies * 1000).round(4).tolist(),
-        "throughput_per_s": runs / float(latencies.sum()),
+        "throughput_per_s": len(latencies) / wall,
     }
 
 
@@ -136,13 +158,17 @@ def summarize_latency(latency_ms: list[float]) -> dict[str, float]:
     }
 
 
-def probe_tflite(bundle: str, role: str, inputs: NpyRows, threads: int, runs: int, warmup: int) -> dict:
+def probe_tflite(
+    bundle: str, role: str, inputs: NpyRows, *, threads: int, workers: int, runs: int, warmup: int
+) -> dict:
+    """The runtime's model, loaded once per worker as the daemon loads it (the memory figure holds them all)."""
     from .model import Model
 
     began = time.perf_counter()
     model = Model.load(bundle, role=role, threads=threads)
     load_seconds = time.perf_counter() - began
-    result = measure(model.predict_inputs, model.predict_inputs, inputs, runs, warmup)
+    models = [model, *(Model.load(bundle, role=role, threads=threads) for _ in range(workers - 1))]
+    result = measure([m.predict_inputs for m in models], model.predict_inputs, inputs, runs, warmup)
     return result | {"load_seconds": load_seconds, "backend": model.backend}
 
 
@@ -153,6 +179,7 @@ def run_probe(
     role: str,
     inputs: Path | str,
     threads: int,
+    workers: int = 1,
     cpu_affinity: list[int] | tuple[int, ...] = (),
     memory_limit_mb: int = 0,
     runs: int = 200,
@@ -166,7 +193,7 @@ def run_probe(
     """
     command = [
         sys.executable, "-m", module, "--bundle", str(bundle), "--role", role, "--inputs", str(inputs),
-        "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup),
+        "--threads", str(threads), "--workers", str(workers), "--runs", str(runs), "--warmup", str(warmup),
         "--memory-limit-mb", str(memory_limit_mb), "--cpu-affinity", ",".join(map(str, cpu_affinity)),
     ]  # fmt: skip
     started = time.time()
@@ -182,13 +209,14 @@ def run_probe(
     return result
 
 
-def probe_main(probe: Callable[[str, str, NpyRows, int, int, int], dict], argv: list[str] | None = None) -> None:
+def probe_main(probe: Callable[..., dict], argv: list[str] | None = None) -> None:
     """The command line of a probe process; ``probe`` loads and measures one model."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--role", required=True)
     parser.add_argument("--inputs", required=True, help=".npy of preprocessed inputs (N, S, S, C)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="interpreter threads per worker")
+    parser.add_argument("--workers", type=int, default=1, help="models timed at once, one thread each")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--memory-limit-mb", type=int, default=0)
@@ -198,13 +226,15 @@ def probe_main(probe: Callable[[str, str, NpyRows, int, int, int], dict], argv: 
     try:
         notes = apply_limits(affinity, args.memory_limit_mb)
         inputs = NpyRows(args.inputs)
-        result = probe(args.bundle, args.role, inputs, args.threads, args.runs, args.warmup)
+        limits = {"threads": args.threads, "workers": args.workers, "runs": args.runs, "warmup": args.warmup}
+        result = probe(args.bundle, args.role, inputs, **limits)
     except (EdgedxError, MemoryError, OSError, ValueError) as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
         return
     result |= {
         "peak_rss_mb": peak_rss_mb(),
         "threads": args.threads,
+        "workers": args.workers,
         "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_limit_mb": args.memory_limit_mb,
         "notes": notes,
