@@ -834,8 +834,19 @@ def serve_command(
     token_file: Annotated[
         Path | None, typer.Option(help="File holding the HTTP bearer token (or set EDGEDX_TOKEN).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Inference workers, each with its own interpreter.")] = 2,
-    threads: Annotated[int, typer.Option(help="Interpreter threads per worker.")] = 1,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Device profile (a name in devices/ or a .toml path): run its workers, threads and CPUs, "
+            "as bench and --quantize auto measured the model there."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Inference workers, each with its own interpreter (default: 2, or --device's).")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Interpreter threads per worker (default: 1, or --device's).")
+    ] = None,
     queue_size: Annotated[
         int, typer.Option(help="Accepted, unfinished inputs at most; beyond it senders hear 'busy'.")
     ] = 64,
@@ -888,7 +899,9 @@ def serve_command(
         if token_file is not None and not token_file.is_file():
             raise ConfigError(f"--token-file {token_file} does not exist")
         token = token_file.read_text().strip() if token_file else os.environ.get("EDGEDX_TOKEN") or None
-        config = ServeConfig(
+        chosen = {k: v for k, v in (("workers", workers), ("threads", threads)) if v is not None}
+        settings = dict(
+            **chosen,
             out=out,
             bundle=bundle,
             inbox=inbox,
@@ -900,8 +913,6 @@ def serve_command(
             max_associations=max_associations,
             http_port=http_port,
             token=token,
-            workers=workers,
-            threads=threads,
             queue_size=queue_size,
             max_file_mb=max_file_mb,
             stable_seconds=stable_seconds,
@@ -910,6 +921,7 @@ def serve_command(
             tls=_tls_files(tls_cert, tls_key, tls_client_ca),
             forward_to=Destination.parse(forward_to) if forward_to else None,
         )
+        config = ServeConfig.on_device(device, **settings) if device else ServeConfig(**settings)
         # pydicom warns about non-conformant header values by quoting them (names, dates): not in a PHI-free log
         warnings.filterwarnings("ignore", module=r"pydicom\..*")
         warnings.filterwarnings("ignore", module=r"highdicom\..*")
@@ -935,7 +947,9 @@ def serve_command(
             if guard is None
             else f"flagged inputs get no decision ({guard.rates.get('test', 0):.1%} of test inputs flagged)",
         )
-        table.add_row("workers", f"{workers} x {threads} thread(s), queue {queue_size}")
+        cpus = f", CPUs {list(config.cpu_affinity)}" if config.cpu_affinity else ""
+        on = f" ({device})" if device else ""
+        table.add_row("workers", f"{config.workers} x {config.threads} thread(s){cpus}{on}, queue {queue_size}")
         for listener in service.listeners():
             table.add_row(listener.kind, escape(listener.where))
         table.add_row("results", escape(str(out)))

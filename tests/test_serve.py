@@ -491,3 +491,35 @@ def test_series_summary_multilabel_takes_each_labels_maximum():
     assert summary["findings"] == ["any", "subdural"] and summary["decision"] == 1
     assert summary["maximum_probabilities"] == {"any": 0.7, "subdural": 0.6, "epidural": 0.3}
     assert series_summary(slices, class_names=names, threshold=[0.8, 0.5, 0.2])["findings"] == ["subdural", "epidural"]
+
+
+def test_a_device_profile_sets_workers_threads_and_cpus(tmp_path):
+    config = ServeConfig.on_device("edge-1core", out=tmp_path / "out", http_port=0)
+    assert (config.workers, config.threads, config.cpu_affinity) == (1, 1, (0,))
+    assert ServeConfig.on_device("console-2core", out=tmp_path / "out", http_port=0, workers=3).workers == 3
+    with pytest.raises(ConfigError, match="no device profile 'toaster'"):
+        ServeConfig.on_device("toaster", out=tmp_path / "out", http_port=0)
+
+
+def _cpus_allowed(pid: int) -> set[str]:
+    """The allowed-CPU lists of every thread of process ``pid``."""
+    lists = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text().splitlines()
+        lists |= {line.split(":")[1].strip() for line in status if line.startswith("Cpus_allowed_list")}
+    return lists
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread affinity from Linux's /proc")
+def test_serve_on_a_device_runs_every_thread_on_its_cpus(tmp_path):
+    """`edgedx serve --device edge-1core`: one worker, and every thread of the daemon (listeners,
+    workers, the interpreter's) on CPU 0, as bench measured the model there."""
+    http_port = free_port()
+    args = ["--out", str(tmp_path / "out"), "--http-port", str(http_port), "--device", "edge-1core"]
+    daemon = DaemonProcess(args, tmp_path / "daemon.log")
+    daemon.launch()
+    try:
+        assert _cpus_allowed(daemon.process.pid) == {"0"}
+        assert "1 x 1 thread(s), CPUs [0] (edge-1core)" in (tmp_path / "daemon.log").read_text()
+    finally:
+        assert daemon.terminate() == 0

@@ -12,6 +12,7 @@ This module imports no TensorFlow: only the runtime, pydicom, numpy and highdico
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as dt
 import io
 import ipaddress
@@ -32,6 +33,7 @@ import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two w
 
 from ..bundle import MANIFEST, Bundle
 from ..data.dicom import MAX_SIDE, header_int, read_dataset
+from ..devices import load_profile
 from ..errors import ConfigError, DataError, DicomError, ReportError
 from ..outputs import decisions
 from ..runtime import Model, Prediction
@@ -104,6 +106,7 @@ class ServeConfig:
     token: str | None = None
     workers: int = 2
     threads: int = 1  # interpreter threads per worker
+    cpu_affinity: tuple[int, ...] = ()  # CPUs the daemon runs on; () for any
     queue_size: int = 64
     max_file_mb: float = 64.0
     min_side: int = 32
@@ -143,6 +146,17 @@ class ServeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.inbox is not None and self.inbox.resolve() == self.out.resolve():
             raise ConfigError("--inbox and --out must be different folders")
+        if any(cpu < 0 for cpu in self.cpu_affinity):
+            raise ConfigError(f"CPU numbers are >= 0, got {list(self.cpu_affinity)}")
+
+    @classmethod
+    def on_device(cls, device: str | Path, **fields: Any) -> ServeConfig:
+        """A config that runs the model as the device profile ``device`` says, the way ``edgedx bench``
+        and ``compress --quantize auto`` measured it there: its workers, threads per worker and CPUs.
+        ``fields`` are the other settings, and win over the profile's."""
+        profile = load_profile(device)
+        measured_as = {"workers": profile.workers, "threads": profile.threads, "cpu_affinity": profile.cpu_affinity}
+        return cls(**measured_as | fields)
 
 
 class Refused(Exception):
@@ -215,6 +229,18 @@ def redact(text: str, ds: Any) -> str:
     return text
 
 
+def pin_process(cpus: tuple[int, ...]) -> None:
+    """Keep every thread of this process, and those it starts later, on ``cpus``."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    missing = set(cpus) - usable
+    if missing:
+        raise ConfigError(f"CPUs {sorted(missing)} do not exist here or are not ours (usable: {sorted(usable)})")
+    tasks = Path("/proc/self/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)
+
+
 class Daemon:
     """The worker pool, the queue and the outputs; listeners feed it with :meth:`accept_spooled` and
     :meth:`submit`. Use :meth:`start` and :meth:`stop`, or :func:`edgedx.serve.run`.
@@ -223,6 +249,8 @@ class Daemon:
     def __init__(self, config: ServeConfig, bundle: Bundle) -> None:
         self.config = config
         self.bundle = bundle
+        if config.cpu_affinity:  # before the interpreters start their threads: those inherit it
+            pin_process(config.cpu_affinity)
         self.models = [Model.load(bundle, threads=config.threads) for _ in range(config.workers)]
         model = self.models[0]
         self.role, self.threshold = model.role, model.threshold
