@@ -59,6 +59,21 @@ class TestResize:
         x = np.arange(16, dtype=np.float32).reshape(4, 4)
         np.testing.assert_allclose(resize_area(x, 2), [[2.5, 4.5], [10.5, 12.5]])
 
+    def test_block_means_of_every_layout_match_exact_means(self):
+        """512 -> 64 in 2-D, channels-last and the planar layout stack_windows returns: the float64
+        block means to float32 precision, as in every earlier version of this function."""
+        rng = np.random.default_rng(1)
+        planar = rng.uniform(-1000, 3000, (3, 512, 384)).astype(np.float32)
+        exact = planar.astype(np.float64).reshape(3, 64, 8, 48, 8).mean(axis=(2, 4))
+        for image, expected in (
+            (planar[0], exact[0]),
+            (np.moveaxis(planar, 0, -1), np.moveaxis(exact, 0, -1)),  # a view of the planes
+            (np.ascontiguousarray(np.moveaxis(planar, 0, -1)), np.moveaxis(exact, 0, -1)),
+        ):
+            out = resize_area(image, 64, 48)
+            assert out.dtype == np.float32 and out.shape == expected.shape
+            np.testing.assert_allclose(out, expected, rtol=0, atol=3000 * 2e-7)
+
     def test_fractional_factor_keeps_mean_and_constants(self):
         rng = np.random.default_rng(0)
         x = rng.uniform(0, 1, (28, 28)).astype(np.float32)
