@@ -20,7 +20,8 @@ def probe_keras(bundle: str, role: str, inputs: NpyRows, *, threads: int, worker
     from ..bundle import read_bundle
     from ..outputs import probabilities
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    # one process-wide pool: as many threads as the device's workers have between them
+    tf.config.threading.set_intra_op_parallelism_threads(threads * workers)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     began = time.perf_counter()
     b = read_bundle(bundle)

@@ -216,7 +216,7 @@ def probe_main(probe: Callable[..., dict], argv: list[str] | None = None) -> Non
     parser.add_argument("--role", required=True)
     parser.add_argument("--inputs", required=True, help=".npy of preprocessed inputs (N, S, S, C)")
     parser.add_argument("--threads", type=int, default=1, help="interpreter threads per worker")
-    parser.add_argument("--workers", type=int, default=1, help="models timed at once, one thread each")
+    parser.add_argument("--workers", type=int, default=1, help="models loaded and timed at once (workers)")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--memory-limit-mb", type=int, default=0)
