@@ -748,8 +748,9 @@ def bench_command(
 ) -> None:
     """Measure float vs compressed models: clinical figures and device figures against a profile's budgets.
 
-    Each model runs in a process of its own, limited as the device profile says (threads, CPUs,
-    memory); TFLite and ONNX models run on the TensorFlow-free runtime. Exits 1 when a deployed model
+    Each model runs in a process of its own, limited as the device profile says (CPUs, memory, and
+    the daemon's workers x threads: one model per worker, timed at once); TFLite and ONNX models run
+    on the TensorFlow-free runtime. Exits 1 when a deployed model
     misses a budget, naming it. --export-kit writes a folder to carry to an air-gapped box
     (run `python run_kit.py` there); --import folds its results.json into the same report.
     """
