@@ -523,3 +523,10 @@ def test_serve_on_a_device_runs_every_thread_on_its_cpus(tmp_path):
         assert "1 x 1 thread(s), CPUs [0] (edge-1core)" in (tmp_path / "daemon.log").read_text()
     finally:
         assert daemon.terminate() == 0
+
+
+def test_pinning_to_cpus_this_machine_lacks_is_a_clear_error():
+    from edgedx.serve.daemon import pin_process
+
+    with pytest.raises(ConfigError, match=r"CPUs \[9999\] do not exist here or are not ours"):
+        pin_process((9999,))
