@@ -530,3 +530,16 @@ def test_pinning_to_cpus_this_machine_lacks_is_a_clear_error():
 
     with pytest.raises(ConfigError, match=r"CPUs \[9999\] do not exist here or are not ours"):
         pin_process((9999,))
+
+
+def test_http_connections_send_answers_at_once(tmp_path):
+    """Nagle's algorithm is off on the daemon's HTTP connections. With it on, an answer written as
+    headers then body waited for the client's delayed ACK: every request took ~44 ms where its work
+    took 3 (benchmarks/README.md, stop 26)."""
+    import socket
+
+    with Service(ServeConfig(out=tmp_path / "out", http_port=0)) as service, httpx.Client() as client:
+        assert client.get(f"http://127.0.0.1:{service.http.port}/healthz").status_code == 200
+        (connection,) = service.http.server.server_state.connections  # kept alive by the client
+        sock = connection.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
