@@ -12,6 +12,10 @@ The clients run on the same machine and share its cores with the daemon. Writes
 ``results/serve-load-cpu<cores>-c<concurrency>-q<queue size>.json``. Run by hand on an idle machine:
 
     python benchmarks/serve_load.py                     # 60 s load + 10 min soak, concurrency 32
+    python benchmarks/serve_load.py --concurrency 1 --seconds 20 --soak-seconds 0   # one sender, no soak
+
+The load phase also records the daemon's own CPU time per answer (its ``/proc/PID/stat``), which
+the clients sharing the cores do not inflate.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _hammer(port: int, body: bytes, until: float, out: list, errors: list) -> None:
@@ -106,6 +116,34 @@ def _run_load(port: int, body: bytes, concurrency: int, seconds: float, on_tick=
     }
 
 
+def _soak(port: int, body: bytes, pid: int, args: argparse.Namespace, idle_rss: float) -> dict:
+    """The load for ``args.soak_seconds`` while the daemon's RSS is sampled every ``args.sample_seconds``."""
+    samples: list[tuple[float, float]] = []
+    began = time.monotonic()
+    next_sample = [began]
+
+    def sample() -> None:
+        now = time.monotonic()
+        if now >= next_sample[0]:
+            samples.append((now - began, _rss_mb(pid)))
+            next_sample[0] += args.sample_seconds
+
+    soak = _run_load(port, body, args.concurrency, args.soak_seconds, on_tick=sample)
+    t, rss = np.array(samples).T
+    half = len(rss) // 2
+    soak["rss_mb"] = {
+        "idle_before_load": round(idle_rss, 1),
+        "first": round(float(rss[0]), 1),
+        "last": round(float(rss[-1]), 1),
+        "peak": round(float(rss.max()), 1),
+        "median_first_half": round(float(np.median(rss[:half])), 1),
+        "median_second_half": round(float(np.median(rss[half:])), 1),
+        "slope_mb_per_min": round(float(np.polyfit(t / 60, rss, 1)[0]), 3),
+        "samples": [[round(a, 1), round(b, 1)] for a, b in samples],
+    }
+    return soak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, help="bundle to serve (default: the shipped headct-ich-int8)")
@@ -135,35 +173,18 @@ def main() -> None:
             idle_rss = _rss_mb(daemon.pid)
             _run_load(port, body, args.concurrency, 5)  # warm-up, not reported
             print(f"load: {args.concurrency} clients for {args.seconds:g} s ...", flush=True)
+            cpu_before = _cpu_seconds(daemon.pid)
             load = _run_load(port, body, args.concurrency, args.seconds)
+            # the daemon's own work per answer, whatever the clients on the same cores cost
+            cpu_ms = (_cpu_seconds(daemon.pid) - cpu_before) * 1e3
+            load["daemon_cpu_ms_per_request"] = round(cpu_ms / load["requests"], 2)
             print(json.dumps(load, indent=1), flush=True)
-            samples: list[tuple[float, float]] = []
-            began = time.monotonic()
-            next_sample = [began]
-
-            def sample() -> None:
-                now = time.monotonic()
-                if now >= next_sample[0]:
-                    samples.append((now - began, _rss_mb(daemon.pid)))
-                    next_sample[0] += args.sample_seconds
-
-            print(f"soak: {args.soak_seconds:g} s, RSS every {args.sample_seconds:g} s ...", flush=True)
-            soak = _run_load(port, body, args.concurrency, args.soak_seconds, on_tick=sample)
-            t, rss = np.array(samples).T
-            slope = float(np.polyfit(t / 60, rss, 1)[0])
-            half = len(rss) // 2
-            soak["rss_mb"] = {
-                "idle_before_load": round(idle_rss, 1),
-                "first": round(float(rss[0]), 1),
-                "last": round(float(rss[-1]), 1),
-                "peak": round(float(rss.max()), 1),
-                "median_first_half": round(float(np.median(rss[:half])), 1),
-                "median_second_half": round(float(np.median(rss[half:])), 1),
-                "slope_mb_per_min": round(slope, 3),
-                "samples": [[round(a, 1), round(b, 1)] for a, b in samples],
-            }
-            print(json.dumps({k: v for k, v in soak.items() if k != "rss_mb"}, indent=1))
-            print(json.dumps({k: v for k, v in soak["rss_mb"].items() if k != "samples"}, indent=1), flush=True)
+            soak = None
+            if args.soak_seconds > 0:
+                print(f"soak: {args.soak_seconds:g} s, RSS every {args.sample_seconds:g} s ...", flush=True)
+                soak = _soak(port, body, daemon.pid, args, idle_rss)
+                print(json.dumps({k: v for k, v in soak.items() if k != "rss_mb"}, indent=1))
+                print(json.dumps({k: v for k, v in soak["rss_mb"].items() if k != "samples"}, indent=1), flush=True)
         finally:
             daemon.send_signal(signal.SIGTERM)
             code = daemon.wait(120)
