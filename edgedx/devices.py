@@ -23,8 +23,10 @@ Standard library only: the runtime side (the offline kit) reads profiles too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,25 @@ class DeviceProfile:
                 relation = "above" if at_most else "below"
                 missed.append(f"{name} {value:.4g}{unit} is {relation} the {self.name} budget of {limit:g}{unit}")
         return missed
+
+
+def pin_process(cpus: Iterable[int]) -> list[int]:
+    """Keep every thread of this process, and those it starts later, on those of ``cpus`` that this
+    machine has and lets us use; returns the ones it lacks (nothing is pinned if it has none of them).
+
+    Every thread, not only the caller: libraries start threads at import (numpy's BLAS pool), and
+    ``os.sched_setaffinity(0, ...)`` would move only the calling one.
+    """
+    wanted = set(cpus)
+    if not hasattr(os, "sched_setaffinity"):  # pragma: no cover - not Linux
+        return sorted(wanted)
+    usable = wanted & os.sched_getaffinity(0)
+    if usable:
+        tasks = Path("/proc/self/task")
+        for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(tid, usable)
+    return sorted(wanted - usable)
 
 
 def device_figures(*, latency_p95_ms: float, peak_rss_mb: float, model_bytes: int) -> dict[str, float]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from edgedx.devices import available_devices, load_profile
@@ -82,3 +86,24 @@ def test_budget_check_names_what_is_missed():
     assert len(missed) == 2
     assert any(m.startswith("latency_p95_ms") and "above" in m for m in missed)
     assert any(m.startswith("min_auc") and "below" in m for m in missed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread affinity from Linux's /proc")
+def test_pin_process_moves_threads_started_before_it_and_names_missing_cpus():
+    """Every thread, including one started before (as numpy's BLAS pool is), and threads started after."""
+    code = """
+import os, threading, time
+from pathlib import Path
+from edgedx.devices import pin_process
+stop = threading.Event()
+early = threading.Thread(target=stop.wait); early.start()
+cpu = min(os.sched_getaffinity(0))
+print(pin_process([cpu, 9999]))
+late = threading.Thread(target=stop.wait); late.start()
+tasks = Path("/proc/self/task").iterdir()
+allowed = {(t / "status").read_text().split("Cpus_allowed_list:")[1].split()[0] for t in tasks}
+print(sorted(allowed) == [str(cpu)])
+stop.set()
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[9999]", "True"]

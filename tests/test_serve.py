@@ -525,11 +525,9 @@ def test_serve_on_a_device_runs_every_thread_on_its_cpus(tmp_path):
         assert daemon.terminate() == 0
 
 
-def test_pinning_to_cpus_this_machine_lacks_is_a_clear_error():
-    from edgedx.serve.daemon import pin_process
-
+def test_pinning_to_cpus_this_machine_lacks_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"CPUs \[9999\] do not exist here or are not ours"):
-        pin_process((9999,))
+        Service(ServeConfig(out=tmp_path / "out", http_port=0, cpu_affinity=(9999,)))
 
 
 def test_http_connections_send_answers_at_once(tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..devices import pin_process
 from ..errors import EdgedxError
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -73,13 +74,8 @@ class NpyRows:
 def apply_limits(cpu_affinity: list[int] | tuple[int, ...], memory_limit_mb: int) -> list[str]:
     """Pin this process to ``cpu_affinity`` and cap its address space; what could not be applied."""
     skipped = []
-    if cpu_affinity:
-        usable = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
-        wanted = {c for c in cpu_affinity if c in usable}
-        if wanted and hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, wanted)
-        if wanted != set(cpu_affinity):
-            skipped.append(f"CPUs {sorted(set(cpu_affinity) - wanted)} do not exist here or are not ours")
+    if missing := pin_process(cpu_affinity):
+        skipped.append(f"CPUs {missing} do not exist here or are not ours")
     if memory_limit_mb:
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

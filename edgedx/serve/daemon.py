@@ -12,7 +12,6 @@ This module imports no TensorFlow: only the runtime, pydicom, numpy and highdico
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import datetime as dt
 import io
 import ipaddress
@@ -33,7 +32,7 @@ import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two w
 
 from ..bundle import MANIFEST, Bundle
 from ..data.dicom import MAX_SIDE, header_int, read_dataset
-from ..devices import load_profile
+from ..devices import load_profile, pin_process
 from ..errors import ConfigError, DataError, DicomError, ReportError
 from ..outputs import decisions
 from ..runtime import Model, Prediction
@@ -229,18 +228,6 @@ def redact(text: str, ds: Any) -> str:
     return text
 
 
-def pin_process(cpus: tuple[int, ...]) -> None:
-    """Keep every thread of this process, and those it starts later, on ``cpus``."""
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
-    missing = set(cpus) - usable
-    if missing:
-        raise ConfigError(f"CPUs {sorted(missing)} do not exist here or are not ours (usable: {sorted(usable)})")
-    tasks = Path("/proc/self/task")
-    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
-        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-            os.sched_setaffinity(tid, cpus)
-
-
 class Daemon:
     """The worker pool, the queue and the outputs; listeners feed it with :meth:`accept_spooled` and
     :meth:`submit`. Use :meth:`start` and :meth:`stop`, or :func:`edgedx.serve.run`.
@@ -249,8 +236,10 @@ class Daemon:
     def __init__(self, config: ServeConfig, bundle: Bundle) -> None:
         self.config = config
         self.bundle = bundle
-        if config.cpu_affinity:  # before the interpreters start their threads: those inherit it
-            pin_process(config.cpu_affinity)
+        # before the interpreters start their threads: those inherit it
+        if missing := pin_process(config.cpu_affinity):
+            usable = sorted(os.sched_getaffinity(0))
+            raise ConfigError(f"CPUs {missing} do not exist here or are not ours (usable: {usable})")
         self.models = [Model.load(bundle, threads=config.threads) for _ in range(config.workers)]
         model = self.models[0]
         self.role, self.threshold = model.role, model.threshold
