@@ -129,11 +129,8 @@ def measure(workers: Sequence[PredictFn], predict_all: PredictFn, inputs: NpyRow
         return latencies
 
     began = time.perf_counter()
-    if len(workers) == 1:
-        latencies = timed_calls(workers[0])
-    else:
-        with ThreadPoolExecutor(len(workers)) as pool:
-            latencies = np.concatenate(list(pool.map(timed_calls, workers)))
+    with ThreadPoolExecutor(len(workers)) as pool:
+        latencies = np.concatenate(list(pool.map(timed_calls, workers)))
     wall = time.perf_counter() - began
     return {
         "probabilities": np.asarray(scores, np.float64).tolist(),
@@ -154,7 +151,7 @@ def summarize_latency(latency_ms: list[float]) -> dict[str, float]:
     }
 
 
-def probe_tflite(
+def probe_deployable(
     bundle: str, role: str, inputs: NpyRows, *, threads: int, workers: int, runs: int, warmup: int
 ) -> dict:
     """The runtime's model, loaded once per worker as the daemon loads it (the memory figure holds them all)."""
@@ -240,4 +237,4 @@ def probe_main(probe: Callable[..., dict], argv: list[str] | None = None) -> Non
 
 
 if __name__ == "__main__":
-    probe_main(probe_tflite)
+    probe_main(probe_deployable)
