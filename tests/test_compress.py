@@ -72,25 +72,20 @@ def test_int8_post_training(parent, tmp_path):
     assert np.mean(agree) >= 0.9  # each at its own threshold, as deployed
 
 
-def test_compressed_models_report_the_parents_probability(parent, tmp_path):
-    """The int8 is calibrated onto the parent's calibrated logits over the training and validation
-    inputs; the float32 of a quantize-only run is the parent itself and keeps its calibration."""
-    from edgedx._tf import keras
-    from edgedx.calibration import fit_to_reference
-    from edgedx.train import predict_logits
+def test_compressed_models_are_calibrated_on_their_own_validation_logits(parent, tmp_path):
+    """The int8 gets its own Platt fit on the validation labels; the float32 of a quantize-only run
+    is the parent itself and keeps the parent's calibration."""
+    from edgedx.calibration import fit_to_labels
 
     bundle = compress(parent.path, tmp_path / "q", CompressConfig(quantize="int8")).bundle
     assert bundle.calibration("tflite-float32") == parent.calibration("keras") == bundle.calibration("keras")
-    splits = recorded_dataset(parent.manifest.data).splits
-    x = to_model_inputs([*splits["train"].images(), *splits["val"].images()], parent.preprocess)
-    teacher = keras.models.load_model(parent.model_path("keras"), compile=False)
-    target = parent.calibration("keras").apply(predict_logits(teacher, x).reshape(-1))
+    val = recorded_dataset(parent.manifest.data).splits["val"]
     int8 = Model.load(bundle.path, role="tflite-int8")
-    expected = fit_to_reference(int8.logits(x).reshape(-1), target)
-    assert int8.calibration.method == "matched"
-    assert int8.calibration.scale == pytest.approx(expected.scale) and int8.calibration.shift == pytest.approx(
-        expected.shift
-    )
+    logits = int8.logits(to_model_inputs(list(val.images()), parent.preprocess)).reshape(-1)
+    expected = fit_to_labels(logits, val.labels)
+    assert int8.calibration.method == "platt"
+    assert int8.calibration.scale == pytest.approx(expected.scale, rel=1e-4)
+    assert int8.calibration.shift == pytest.approx(expected.shift, rel=1e-4, abs=1e-6)
 
 
 def test_distill_makes_a_small_student_that_keeps_the_parents_decisions(parent, tmp_path):
