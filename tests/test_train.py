@@ -200,8 +200,10 @@ def test_real_pneumoniamnist_short_run(tmp_path):
 
 def test_multilabel_any_and_subtypes(tiny_headct, tmp_path):
     """RSNA labels: one sigmoid and one threshold per label, per-label metrics, quantized and run like any bundle."""
+    from edgedx.calibration import fit_to_labels
     from edgedx.compress import CompressConfig, compress
     from edgedx.data import RSNA_LABELS
+    from edgedx.preprocess import to_model_inputs
     from edgedx.runtime import Model
 
     dataset = load_dataset(tiny_headct, labels=RSNA_LABELS)
@@ -219,6 +221,12 @@ def test_multilabel_any_and_subtypes(tiny_headct, tmp_path):
         compress(result.bundle.path, tmp_path / "d", CompressConfig(distill=True, quantize="none"))
     small = compress(result.bundle.path, tmp_path / "q", CompressConfig(quantize="int8"))
     model = Model.load(small.bundle.path)
+    val = dataset.splits["val"]  # the int8 gets its own Platt fit per label on its validation logits
+    val_logits = model.logits(to_model_inputs(list(val.images()), small.bundle.preprocess))
+    expected = fit_to_labels(val_logits, val.labels)
+    assert model.calibration.method == expected.method == "platt"
+    assert np.allclose(model.calibration.scale, expected.scale, rtol=1e-4)
+    assert np.allclose(model.calibration.shift, expected.shift, rtol=1e-4, atol=1e-6)
     first = next(tiny_headct.rglob("*.dcm"))
     prediction = model.predict(first)
     assert np.shape(prediction.probabilities) == (6,) and set(prediction.findings) <= set(RSNA_LABELS)
