@@ -84,6 +84,12 @@ class DeviceProfile:
         return missed
 
 
+def unavailable_cpus(cpus: Iterable[int]) -> list[int]:
+    """Those of ``cpus`` that this machine lacks or does not let this process use."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    return sorted(set(cpus) - usable)
+
+
 def pin_process(cpus: Iterable[int]) -> list[int]:
     """Keep every thread of this process, and those it starts later, on those of ``cpus`` that this
     machine has and lets us use; returns the ones it lacks (nothing is pinned if it has none of them).
@@ -92,15 +98,14 @@ def pin_process(cpus: Iterable[int]) -> list[int]:
     ``os.sched_setaffinity(0, ...)`` would move only the calling one.
     """
     wanted = set(cpus)
-    if not hasattr(os, "sched_setaffinity"):  # pragma: no cover - not Linux
-        return sorted(wanted)
-    usable = wanted & os.sched_getaffinity(0)
+    missing = unavailable_cpus(wanted)
+    usable = wanted - set(missing)
     if usable:
         tasks = Path("/proc/self/task")
         for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
             with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
                 os.sched_setaffinity(tid, usable)
-    return sorted(wanted - usable)
+    return missing
 
 
 def device_figures(*, latency_p95_ms: float, peak_rss_mb: float, model_bytes: int) -> dict[str, float]:

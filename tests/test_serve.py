@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import time
@@ -526,8 +527,11 @@ def test_serve_on_a_device_runs_every_thread_on_its_cpus(tmp_path):
 
 
 def test_pinning_to_cpus_this_machine_lacks_is_a_clear_error(tmp_path):
+    """Refused before anything is pinned: the calling process keeps every CPU it had."""
+    before = os.sched_getaffinity(0)
     with pytest.raises(ConfigError, match=r"CPUs \[9999\] do not exist here or are not ours"):
-        Service(ServeConfig(out=tmp_path / "out", http_port=0, cpu_affinity=(9999,)))
+        Service(ServeConfig(out=tmp_path / "out", http_port=0, cpu_affinity=(min(before), 9999)))
+    assert os.sched_getaffinity(0) == before
 
 
 def test_http_connections_send_answers_at_once(tmp_path):

@@ -32,7 +32,7 @@ import pydicom.pixels  # noqa: F401  (decoders: imported once here, not by two w
 
 from ..bundle import MANIFEST, Bundle
 from ..data.dicom import MAX_SIDE, header_int, read_dataset
-from ..devices import load_profile, pin_process
+from ..devices import load_profile, pin_process, unavailable_cpus
 from ..errors import ConfigError, DataError, DicomError, ReportError
 from ..outputs import decisions
 from ..runtime import Model, Prediction
@@ -236,10 +236,12 @@ class Daemon:
     def __init__(self, config: ServeConfig, bundle: Bundle) -> None:
         self.config = config
         self.bundle = bundle
-        # before the interpreters start their threads: those inherit it
-        if missing := pin_process(config.cpu_affinity):
+        # refused before anything is pinned (a caller's process keeps its CPUs), and pinned before the
+        # interpreters start their threads: those inherit it
+        if missing := unavailable_cpus(config.cpu_affinity):
             usable = sorted(os.sched_getaffinity(0))
             raise ConfigError(f"CPUs {missing} do not exist here or are not ours (usable: {usable})")
+        pin_process(config.cpu_affinity)
         self.models = [Model.load(bundle, threads=config.threads) for _ in range(config.workers)]
         model = self.models[0]
         self.role, self.threshold = model.role, model.threshold
